@@ -7,7 +7,11 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .initialize import get_model_parallel_group, get_model_parallel_rank, get_model_parallel_world_size
+from .initialize import (
+    get_model_parallel_group,
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+)
 
 
 def is_model_parallel_parameter(param: torch.Tensor) -> bool:

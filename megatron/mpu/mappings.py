@@ -13,7 +13,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .initialize import get_model_parallel_group, get_model_parallel_rank, get_model_parallel_world_size
+from .initialize import (
+    get_model_parallel_group,
+    get_model_parallel_rank,
+    get_model_parallel_world_size,
+)
 from .utils import split_tensor_along_last_dim
 
 
