@@ -1,0 +1,79 @@
+"""Command-line arguments of the data pipeline and their start-up validation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from megatron.data.builder import CORPORA, parse_data_path, parse_split
+from megatron.tokenizer import TOKENIZER_TYPES
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the 'data' argument group to ``parser``; returns ``parser``."""
+    group = parser.add_argument_group("data", "training data and tokenizer")
+    group.add_argument("--train-data", nargs="+", default=None,
+                       help="loose-JSON file(s), or a registered corpus name "
+                            f"({', '.join(['demo', *CORPORA])}); webtext resolves under --data-dir")
+    group.add_argument("--valid-data", nargs="+", default=None,
+                       help="loose-JSON validation file(s); with it --split is ignored")
+    group.add_argument("--test-data", nargs="+", default=None, help="loose-JSON test file(s)")
+    group.add_argument("--data-dir", default="data", help="where registered corpora live")
+    group.add_argument("--data-path", nargs="*", default=None,
+                       help="prefix of a preprocessed .bin/.idx pair, or a weighted blend such as "
+                            "`0.3 A 0.7 B`")
+    group.add_argument("--text-key", default="text", help="JSON key holding the document text")
+    group.add_argument("--lazy-loader", action="store_true",
+                       help="tokenise loose JSON once into a cache beside the file (or --cache-dir)")
+    group.add_argument("--split", default="949,50,1",
+                       help="train,valid,test proportions of the documents")
+    group.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT-2 merges.txt")
+    group.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
+    group.add_argument("--seq-length", type=int, default=1024, help="tokens per sample")
+    group.add_argument("--skip-bad-lines", action="store_true",
+                       help="skip and count malformed JSON lines instead of stopping")
+    group.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes")
+    group.add_argument("--cache-dir", default=None,
+                       help="where lazy-loader and sample-index caches go (default: beside the data)")
+    group.add_argument("--demo-data-dir", default="data/demo",
+                       help="where the built-in demo corpus is built on first use")
+    return parser
+
+
+def _check_files(args: argparse.Namespace) -> None:
+    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+        if not path:
+            raise ValueError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}; use "
+                             "GPT-2's files or data/demo/gpt2-vocab.json + gpt2-merges.txt from "
+                             "`python tools/build_demo_corpus.py`")
+        if not os.path.isfile(path) and not _is_demo_tokenizer(args, path):
+            raise ValueError(f"{flag} {path} does not exist; fix the path, or build the demo "
+                             "tokenizer with `python tools/build_demo_corpus.py`")
+
+
+def _is_demo_tokenizer(args: argparse.Namespace, path: str) -> bool:
+    """True for the demo's files, which are built on first use (so may not exist yet)."""
+    demo_dir = os.path.abspath(getattr(args, "demo_data_dir", "data/demo"))
+    return os.path.dirname(os.path.abspath(path)) == demo_dir
+
+
+def validate_data_args(args: argparse.Namespace) -> None:
+    """Raise ValueError with the bad value and the fix for any inconsistent data argument."""
+    if not args.train_data and not args.data_path:
+        raise ValueError("no training data: pass --train-data (loose JSON or a corpus name such as "
+                         "demo or webtext) or --data-path (prefix of a preprocessed .bin/.idx)")
+    if args.train_data and args.data_path:
+        raise ValueError("pass either --train-data or --data-path, not both")
+    if args.data_path is not None:
+        if not args.data_path:
+            raise ValueError("--data-path needs a prefix or weight/prefix pairs")
+        parse_data_path(args.data_path)
+    parse_split(args.split)
+    if args.seq_length <= 0:
+        raise ValueError(f"--seq-length must be positive, got {args.seq_length}")
+    if args.num_workers < 0:
+        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not one of {TOKENIZER_TYPES}")
+    _check_files(args)

@@ -1,0 +1,149 @@
+"""Loose JSON corpora (one ``{"text": ...}`` object per line): reading and tokenising.
+
+The original webtext format. Bad lines name file and line (or are skipped and counted with
+``--skip-bad-lines``); empty documents are skipped and counted. ``tokenized_documents`` returns
+each document's ids followed by ``<|endoftext|>``; with ``--lazy-loader`` the result is cached
+beside the corpus as an indexed dataset built once (by whichever rank gets there first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+
+import numpy as np
+
+from megatron.data.cache import build_once
+from megatron.data.documents import InMemoryDocuments
+from megatron.data.errors import LooseJSONError
+from megatron.data.indexed_dataset import (
+    IndexedDatasetBuilder,
+    MMapIndexedDataset,
+    best_token_dtype,
+)
+from megatron.tokenizer import AbstractTokenizer
+
+TOKENIZE_BATCH = 512
+CACHE_VERSION = 1
+
+
+@dataclass
+class ReadStats:
+    """What reading a corpus kept and dropped."""
+
+    documents: int = 0
+    empty: int = 0
+    bad_lines: int = 0
+
+    def summary(self, path: str | os.PathLike) -> str:
+        return (f"{path}: {self.documents} documents, {self.empty} empty skipped, "
+                f"{self.bad_lines} bad lines skipped")
+
+
+def _parse_line(line: bytes, path: str | os.PathLike, number: int, text_key: str) -> str:
+    """The text of one JSON line; raises LooseJSONError naming ``path:number``."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise LooseJSONError(f"{path}:{number}: malformed JSON ({reason}); fix or remove the "
+                             "line, or pass --skip-bad-lines to skip and count it") from None
+    if not isinstance(record, dict) or text_key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise LooseJSONError(f"{path}:{number}: no {text_key!r} key (found {keys}); set "
+                             "--text-key to the field holding the document text")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise LooseJSONError(f"{path}:{number}: {text_key!r} is a {type(text).__name__}, "
+                             "expected a string")
+    return text
+
+
+def iter_json_texts(path: str | os.PathLike, text_key: str = "text", skip_bad_lines: bool = False,
+                    stats: ReadStats | None = None) -> Iterator[str]:
+    """Non-empty document texts of a loose-JSON file, in file order.
+
+    Blank lines are ignored; whitespace-only documents are skipped and counted in ``stats``.
+    Malformed lines raise ``LooseJSONError`` unless ``skip_bad_lines``.
+    """
+    stats = stats if stats is not None else ReadStats()
+    if not os.path.isfile(path):
+        raise LooseJSONError(f"{path} does not exist; --train-data takes a loose-JSON file "
+                             "(one {\"text\": ...} per line) or a registered corpus name")
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                text = _parse_line(line, path, number, text_key)
+            except LooseJSONError:
+                if not skip_bad_lines:
+                    raise
+                stats.bad_lines += 1
+                continue
+            if not text.strip():
+                stats.empty += 1
+                continue
+            stats.documents += 1
+            yield text
+
+
+def _tokenized_batches(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_key: str,
+                       skip_bad_lines: bool, stats: ReadStats) -> Iterator[list[list[int]]]:
+    """Documents' ids, each ending with ``tokenizer.eod``, in batches."""
+    texts = iter_json_texts(path, text_key, skip_bad_lines, stats)
+    while batch := list(islice(texts, TOKENIZE_BATCH)):
+        yield [ids + [tokenizer.eod] for ids in tokenizer.tokenize_batch(batch)]
+
+
+def tokenize_in_memory(path: str | os.PathLike, tokenizer: AbstractTokenizer,
+                       text_key: str = "text", skip_bad_lines: bool = False) -> InMemoryDocuments:
+    """Tokenise every document of ``path`` (``eod`` appended) into memory."""
+    stats = ReadStats()
+    sizes: list[int] = []
+    chunks: list[np.ndarray] = []
+    for batch in _tokenized_batches(path, tokenizer, text_key, skip_bad_lines, stats):
+        sizes.extend(len(ids) for ids in batch)
+        chunks.append(np.fromiter(chain.from_iterable(batch), dtype=np.int64))
+    print(stats.summary(path), file=sys.stderr)
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    return InMemoryDocuments(tokens.astype(best_token_dtype(tokenizer.vocab_size)), np.asarray(sizes))
+
+
+def lazy_cache_dir(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_key: str,
+                   skip_bad_lines: bool, cache_dir: str | os.PathLike | None) -> Path:
+    """Where ``--lazy-loader`` caches ``path``: keyed by file identity, tokenizer and options."""
+    source = Path(path).resolve()
+    stat = source.stat()
+    key = json.dumps([CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns,
+                      getattr(tokenizer, "fingerprint", tokenizer.name), text_key, skip_bad_lines])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    parent = Path(cache_dir) if cache_dir else source.parent
+    return parent / f"{source.stem}.cache" / f"{digest}"
+
+
+def tokenize_cached(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_key: str = "text",
+                    skip_bad_lines: bool = False,
+                    cache_dir: str | os.PathLike | None = None) -> MMapIndexedDataset:
+    """Like ``tokenize_in_memory`` but via an on-disk indexed dataset built once, atomically."""
+    target = lazy_cache_dir(path, tokenizer, text_key, skip_bad_lines, cache_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        stats = ReadStats()
+        builder = IndexedDatasetBuilder(tmp / "text_document.bin", best_token_dtype(tokenizer.vocab_size))
+        for batch in _tokenized_batches(path, tokenizer, text_key, skip_bad_lines, stats):
+            for ids in batch:
+                builder.add_document(ids)
+        builder.finalize(tmp / "text_document.idx")
+        print(f"built lazy-loader cache {target}: {stats.summary(path)}", file=sys.stderr)
+
+    build_once(target, build)
+    return MMapIndexedDataset(target / "text_document")

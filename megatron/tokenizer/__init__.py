@@ -1,0 +1,33 @@
+"""Tokenizers: ``build_tokenizer(args)`` picks one from ``--tokenizer-type``."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron.tokenizer.tokenizer import (
+    EOD_TOKEN,
+    AbstractTokenizer,
+    GPT2BPETokenizer,
+    TokenizerFileError,
+)
+
+TOKENIZER_TYPES = ("GPT2BPETokenizer",)
+
+__all__ = ["EOD_TOKEN", "TOKENIZER_TYPES", "AbstractTokenizer", "GPT2BPETokenizer",
+           "TokenizerFileError", "build_tokenizer"]
+
+
+def build_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
+    """Tokenizer named by ``args.tokenizer_type`` from ``args.vocab_file``/``args.merge_file``.
+
+    Raises ``ValueError`` (``TokenizerFileError``) when the files are missing or mismatched.
+    """
+    tokenizer_type = getattr(args, "tokenizer_type", "GPT2BPETokenizer")
+    if tokenizer_type != "GPT2BPETokenizer":
+        raise ValueError(f"--tokenizer-type {tokenizer_type} is not supported; "
+                         f"choose one of {', '.join(TOKENIZER_TYPES)}")
+    if not args.vocab_file or not args.merge_file:
+        raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file (GPT-2's vocab.json "
+                         "and merges.txt, or data/demo/gpt2-vocab.json and data/demo/gpt2-merges.txt "
+                         "from `python tools/build_demo_corpus.py`)")
+    return GPT2BPETokenizer(args.vocab_file, args.merge_file)

@@ -1,0 +1,173 @@
+"""Tokenizers for GPT-2 pretraining: the abstract contract and GPT-2's byte-level BPE.
+
+``GPT2BPETokenizer`` reads GPT-2's two files (``vocab.json``, ``merges.txt``) and encodes with
+Hugging Face ``tokenizers`` (Rust). Its ids equal GPT-2's published byte-level BPE for any
+Unicode text; ``tests/test_tokenizer.py`` checks that against ``tools/reference_gpt2_bpe.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+from megatron.tokenizer.pretokenize import gpt2_split_pattern
+
+EOD_TOKEN = "<|endoftext|>"
+
+
+class TokenizerFileError(ValueError):
+    """The vocab/merges files are missing, malformed, or do not belong together."""
+
+
+class AbstractTokenizer(ABC):
+    """What training and data code rely on: ids are ``int`` in ``[0, vocab_size)``."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """True (unpadded) vocabulary size."""
+
+    @property
+    @abstractmethod
+    def eod(self) -> int:
+        """Id of the end-of-document token."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Ids of ``text``."""
+
+    @abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text; subclasses may do this faster than one at a time."""
+        return [self.tokenize(text) for text in texts]
+
+
+def _read_vocab(vocab_file: str, merge_file: str) -> dict[str, int]:
+    """Token -> id from GPT-2's ``vocab.json``."""
+    try:
+        with open(vocab_file, encoding="utf-8") as handle:
+            vocab = json.load(handle)
+    except FileNotFoundError:
+        raise TokenizerFileError(
+            f"--vocab-file {vocab_file} does not exist; pass GPT-2's vocab.json, or build the demo "
+            "tokenizer with `python tools/build_demo_corpus.py`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TokenizerFileError(f"--vocab-file {vocab_file} is not a JSON vocab ({error}); "
+                                 f"it should be the vocab.json that goes with {merge_file}") from None
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise TokenizerFileError(f"--vocab-file {vocab_file} must map token strings to int ids")
+    return vocab
+
+
+def _read_merges(merge_file: str) -> list[tuple[str, str]]:
+    """Merge pairs in rank order from GPT-2's ``merges.txt`` (``#version`` header optional)."""
+    try:
+        with open(merge_file, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+    except FileNotFoundError:
+        raise TokenizerFileError(
+            f"--merge-file {merge_file} does not exist; pass GPT-2's merges.txt, or build the demo "
+            "tokenizer with `python tools/build_demo_corpus.py`") from None
+    merges = []
+    for number, line in enumerate(lines, start=1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise TokenizerFileError(f"{merge_file}:{number}: expected two symbols separated by "
+                                     f"one space, got {line!r}; is this GPT-2's merges.txt?")
+        merges.append((pair[0], pair[1]))
+    return merges
+
+
+def _check_files_match(vocab: dict[str, int], merges: list[tuple[str, str]],
+                       vocab_file: str, merge_file: str) -> None:
+    """Raise TokenizerFileError unless every byte symbol and every merge result is in the vocab."""
+    hint = (f"--vocab-file {vocab_file} and --merge-file {merge_file} do not belong together; "
+            "pass the vocab.json and merges.txt written by the same tokenizer training")
+    missing_bytes = [c for c in pre_tokenizers.ByteLevel.alphabet() if c not in vocab]
+    if missing_bytes:
+        raise TokenizerFileError(f"{hint} (byte symbols {missing_bytes[:5]} are not in the vocab)")
+    for rank, (first, second) in enumerate(merges):
+        if first + second not in vocab or first not in vocab or second not in vocab:
+            raise TokenizerFileError(f"{hint} (merge {rank} {first!r} + {second!r} is not in the vocab)")
+    if EOD_TOKEN not in vocab:
+        raise TokenizerFileError(f"--vocab-file {vocab_file} has no {EOD_TOKEN} token; GPT-2 "
+                                 "pretraining needs it between documents")
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise TokenizerFileError(f"--vocab-file {vocab_file}: ids must be 0..{len(vocab) - 1} "
+                                 "without gaps or repeats")
+
+
+def _file_digest(*paths: str) -> str:
+    """SHA-256 over the contents of ``paths`` (identifies a tokenizer for cache keys)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+class GPT2BPETokenizer(AbstractTokenizer):
+    """GPT-2's byte-level BPE from ``vocab_file`` + ``merge_file``, encoded in Rust.
+
+    No prefix space is added and ``<|endoftext|>`` inside text is ordinary text, as in GPT-2;
+    ``eod`` is its id, for the data pipeline to insert between documents.
+    """
+
+    name = "GPT2BPETokenizer"
+
+    def __init__(self, vocab_file: str, merge_file: str) -> None:
+        vocab = _read_vocab(vocab_file, merge_file)
+        merges = _read_merges(merge_file)
+        _check_files_match(vocab, merges, vocab_file, merge_file)
+        self.vocab_file, self.merge_file = os.fspath(vocab_file), os.fspath(merge_file)
+        self.fingerprint = _file_digest(vocab_file, merge_file)
+        self._vocab_size = len(vocab)
+        self._eod = vocab[EOD_TOKEN]
+        self._tokenizer = self._build_rust_tokenizer(vocab, merges)
+
+    @staticmethod
+    def _build_rust_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(gpt2_split_pattern()), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def __getstate__(self) -> dict:
+        # The Rust tokenizer pickles fine, but rebuilding keeps DataLoader workers light.
+        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["vocab_file"], state["merge_file"])
