@@ -46,7 +46,7 @@ class ReadStats:
                 f"{self.bad_lines} bad lines skipped")
 
 
-def _parse_line(line: bytes, path: str | os.PathLike, number: int, text_key: str) -> str:
+def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key: str) -> str:
     """The text of one JSON line; raises LooseJSONError naming ``path:number``."""
     try:
         record = json.loads(line.decode("utf-8"))
@@ -81,7 +81,7 @@ def iter_json_texts(path: str | os.PathLike, text_key: str = "text", skip_bad_li
             if not line.strip():
                 continue
             try:
-                text = _parse_line(line, path, number, text_key)
+                text = parse_json_line(line, path, number, text_key)
             except LooseJSONError:
                 if not skip_bad_lines:
                     raise

@@ -1,0 +1,71 @@
+"""Shared helpers for the data-pipeline tests: the demo corpus, small corpora, argument sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+@pytest.fixture(scope="session")
+def demo_paths() -> dict[str, Path]:
+    """The demo corpus and tokenizer, built once under the repository's data/demo."""
+    from megatron.data.demo import ensure_demo_corpus
+
+    return ensure_demo_corpus(ROOT / "data" / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_paths):
+    from megatron.tokenizer import GPT2BPETokenizer
+
+    return GPT2BPETokenizer(str(demo_paths["vocab"]), str(demo_paths["merges"]))
+
+
+def write_json_lines(path: Path, texts: list[str], key: str = "text") -> Path:
+    """Loose JSON with one ``{key: text}`` per line."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for text in texts:
+            handle.write(json.dumps({key: text}) + "\n")
+    return path
+
+
+def sentences(count: int, seed: int = 0) -> list[str]:
+    """``count`` short English-like documents of varied length."""
+    words = ("the model reads a token and the next one so that data flows through layers "
+             "while every rank waits for its batch").split()
+    documents = []
+    for index in range(count):
+        length = 5 + (index * 7 + seed) % 40
+        documents.append(" ".join(words[(index + seed + k * 3) % len(words)] for k in range(length))
+                         + f" number {index}.")
+    return documents
+
+
+def data_args(demo_paths: dict[str, Path], **overrides) -> argparse.Namespace:
+    """Parsed data arguments with the demo tokenizer, plus ``seed``; ``overrides`` by dest."""
+    from megatron.data.arguments import add_data_args
+
+    args = add_data_args(argparse.ArgumentParser()).parse_args(
+        ["--vocab-file", str(demo_paths["vocab"]), "--merge-file", str(demo_paths["merges"])])
+    args.seed = 1234
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def run_tool(script: str, *arguments: str) -> tuple[int, str, str]:
+    """Run ``tools/<script>`` in a subprocess; returns (exit code, stdout, stderr)."""
+    import subprocess
+
+    completed = subprocess.run([sys.executable, str(ROOT / "tools" / script), *arguments],
+                               capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    return completed.returncode, completed.stdout, completed.stderr

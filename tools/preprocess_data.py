@@ -1,0 +1,197 @@
+"""Tokenise a loose-JSON corpus into Megatron mmap indexed datasets.
+
+    python tools/preprocess_data.py --input X.json --output-prefix P --vocab-file V \\
+        --merge-file M --tokenizer-type GPT2BPETokenizer --append-eod --workers N [--json-keys text]
+
+Writes ``P_{key}_document.bin``/``.idx`` per JSON key (uint16 tokens when the vocab has fewer
+than 65500 ids, else int32), with a progress bar and a closing throughput line. Outputs appear
+only when complete. User mistakes exit 1 with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from megatron.data.errors import LooseJSONError  # noqa: E402
+from megatron.data.indexed_dataset import (  # noqa: E402
+    IndexedDatasetBuilder,
+    best_token_dtype,
+    data_file_path,
+    index_file_path,
+)
+from megatron.data.loose_json import parse_json_line  # noqa: E402
+from megatron.tokenizer import TOKENIZER_TYPES, AbstractTokenizer, GPT2BPETokenizer  # noqa: E402
+
+BYTES_PER_TASK = 1 << 16
+_worker_tokenizer: AbstractTokenizer | None = None
+
+
+@dataclass
+class Stats:
+    """Counts of one preprocessing run."""
+
+    documents: int = 0
+    empty: dict[str, int] = field(default_factory=dict)
+    bad_lines: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def throughput_line(self) -> str:
+        megabytes = self.bytes / 1e6
+        rate = max(self.seconds, 1e-9)
+        return (f"processed {self.documents} documents ({megabytes:.2f} MB) in {self.seconds:.2f} s: "
+                f"{megabytes / rate:.2f} MB/s, {self.documents / rate:.0f} docs/s "
+                f"({sum(self.empty.values())} empty texts, {self.bad_lines} bad lines skipped)")
+
+
+def _init_worker(factory: Callable[[], AbstractTokenizer]) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = factory()
+
+
+def encode_lines(task: tuple[str, list[tuple[int, bytes]], list[str], bool, type],
+                 tokenizer: AbstractTokenizer | None = None) -> list[tuple[int, object]]:
+    """Encode ``(line number, line)`` pairs: ``(bytes, {key: ids})`` or ``(bytes, error message)``."""
+    path, lines, keys, append_eod, dtype = task
+    tokenizer = tokenizer or _worker_tokenizer
+    results: list[tuple[int, object]] = []
+    for number, line in lines:
+        try:
+            record = {key: parse_json_line(line, path, number, key) for key in keys}
+        except LooseJSONError as error:
+            results.append((len(line), str(error)))
+            continue
+        encoded = {}
+        for key, text in record.items():
+            ids = tokenizer.tokenize(text) if text.strip() else []
+            # numpy arrays pickle compactly on the way back from a worker
+            encoded[key] = np.asarray(ids + [tokenizer.eod] if ids and append_eod else ids, dtype)
+        results.append((len(line), encoded))
+    return results
+
+
+def _tasks(path: str, keys: list[str], append_eod: bool, dtype: type) -> Iterator[tuple]:
+    """Tasks of about ``BYTES_PER_TASK`` of non-blank lines, numbered from 1."""
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                chunk.append((number, line))
+                size += len(line)
+            if size >= BYTES_PER_TASK:
+                yield path, chunk, keys, append_eod, dtype
+                chunk, size = [], 0
+    if chunk:
+        yield path, chunk, keys, append_eod, dtype
+
+
+def _results(path: str, keys: list[str], append_eod: bool, workers: int, dtype: type,
+             factory: Callable[[], AbstractTokenizer]) -> Iterator[list[tuple[int, object]]]:
+    """Encoded tasks in file order: in this process for one worker, else a process pool."""
+    tasks = _tasks(path, keys, append_eod, dtype)
+    if workers == 1:
+        tokenizer = factory()
+        yield from (encode_lines(task, tokenizer) for task in tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (factory,)) as pool:
+        yield from pool.imap(encode_lines, tasks, chunksize=1)
+
+
+def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractTokenizer],
+               keys: list[str], append_eod: bool, workers: int, skip_bad_lines: bool = False,
+               progress: bool = True) -> Stats:
+    """Write ``{output_prefix}_{key}_document.bin/.idx`` for each key; returns the counts."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--input {path} does not exist")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    dtype = best_token_dtype(factory().vocab_size)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    final = {key: f"{output_prefix}_{key}_document" for key in keys}
+    partial = {key: f"{prefix}.partial{os.getpid()}" for key, prefix in final.items()}
+    builders = {key: IndexedDatasetBuilder(data_file_path(partial[key]), dtype)
+                for key in keys}
+    stats = Stats(empty=dict.fromkeys(keys, 0))
+    start = time.perf_counter()
+    try:
+        with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress,
+                  desc="tokenising", file=sys.stderr) as bar:
+            for results in _results(path, keys, append_eod, workers, dtype, factory):
+                _write(results, builders, stats, skip_bad_lines)
+                bar.update(sum(size for size, _ in results))
+        for key, builder in builders.items():
+            builder.finalize(index_file_path(partial[key]))
+            os.replace(data_file_path(partial[key]), data_file_path(final[key]))
+            os.replace(index_file_path(partial[key]), index_file_path(final[key]))
+    finally:
+        for prefix in partial.values():
+            for leftover in (data_file_path(prefix), index_file_path(prefix)):
+                if leftover.exists():
+                    leftover.unlink()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _write(results: list[tuple[int, object]], builders: dict[str, IndexedDatasetBuilder],
+           stats: Stats, skip_bad_lines: bool) -> None:
+    for size, result in results:
+        stats.bytes += size
+        if isinstance(result, str):
+            if not skip_bad_lines:
+                raise LooseJSONError(result)
+            stats.bad_lines += 1
+            continue
+        stats.documents += 1
+        for key, ids in result.items():
+            if ids.size:
+                builders[key].add_document(ids)
+            else:
+                stats.empty[key] += 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="loose-JSON file")
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--vocab-file", required=True)
+    parser.add_argument("--merge-file", required=True)
+    parser.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
+    parser.add_argument("--json-keys", nargs="+", default=["text"])
+    parser.add_argument("--append-eod", action="store_true",
+                        help="end every document with <|endoftext|> (needed for GPT-2 training)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--skip-bad-lines", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exits 1 with a one-line message on user mistakes."""
+    args = parse_args(argv)
+    factory = functools.partial(GPT2BPETokenizer, args.vocab_file, args.merge_file)
+    try:
+        stats = preprocess(args.input, args.output_prefix, factory, args.json_keys,
+                           args.append_eod, args.workers, args.skip_bad_lines, not args.no_progress)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(stats.throughput_line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
