@@ -1,0 +1,223 @@
+"""Megatron-LM's command-line flags, grouped as in the original, plus DeepSpeed's.
+
+``get_args()`` parses and validates the whole configuration before any process allocates
+memory; every problem is a ``ConfigError`` naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from megatron.data.arguments import add_data_args, validate_data_args
+from megatron.errors import ConfigError
+
+
+def add_model_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("model", "model configuration")
+    group.add_argument("--num-layers", type=int, default=24, help="number of transformer layers")
+    group.add_argument("--hidden-size", type=int, default=1024, help="transformer hidden size")
+    group.add_argument("--num-attention-heads", type=int, default=16, help="number of attention heads")
+    group.add_argument("--max-position-embeddings", type=int, default=1024,
+                       help="maximum sequence length the position embeddings cover")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="vocabulary size (default: the tokenizer's); padded, see below")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="pad the vocabulary to a multiple of this times --model-parallel-size")
+    group.add_argument("--hidden-dropout", type=float, default=0.1,
+                       help="dropout on embeddings and on the outputs of attention and MLP")
+    group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probabilities")
+    group.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal initialisation")
+    group.add_argument("--model-parallel-size", type=int, default=1, help="tensor model-parallel size")
+    return parser
+
+
+def add_fp16_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("fp16", "mixed precision")
+    group.add_argument("--fp16", action="store_true", help="train in fp16 with fp32 master weights and loss scaling")
+    group.add_argument("--bf16", action="store_true", help="train in bf16 with fp32 master weights")
+    group.add_argument("--loss-scale", type=float, default=None,
+                       help="static loss scale (positive power of 2); default: dynamic loss scaling")
+    group.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="initial dynamic loss scale")
+    group.add_argument("--loss-scale-window", type=int, default=1000,
+                       help="iterations without overflow before the dynamic scale grows")
+    group.add_argument("--hysteresis", type=int, default=2, help="overflows tolerated before the scale drops")
+    group.add_argument("--min-scale", type=float, default=1.0, help="minimum dynamic loss scale")
+    group.add_argument("--fp32-allreduce", action="store_true", help="all-reduce gradients in fp32")
+    return parser
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("train", "training configuration")
+    group.add_argument("--batch-size", type=int, default=4, help="micro batch size per data-parallel rank")
+    group.add_argument("--gradient-accumulation-steps", type=int, default=None,
+                       help="micro batches per optimizer step (default 1, or from the DeepSpeed config)")
+    group.add_argument("--train-iters", type=int, default=1000, help="total optimizer steps to train for")
+    group.add_argument("--checkpoint-activations", action="store_true", help="recompute activations in backward")
+    group.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
+    group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
+    group.add_argument("--seed", type=int, default=1234, help="random seed")
+    group.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate")
+    group.add_argument("--min-lr", type=float, default=0.0, help="learning rate floor of the decay")
+    group.add_argument("--lr-decay-style", default="linear", choices=["constant", "linear", "cosine", "exponential"])
+    group.add_argument("--lr-decay-iters", type=int, default=None, help="iterations to decay over (default --train-iters)")
+    group.add_argument("--warmup", type=float, default=0.01, help="fraction of --lr-decay-iters spent warming up")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
+    group.add_argument("--save", default=None, help="directory to save checkpoints to")
+    group.add_argument("--save-interval", type=int, default=5000, help="iterations between checkpoints")
+    group.add_argument("--no-save-optim", action="store_true", help="do not save the optimizer state")
+    group.add_argument("--no-save-rng", action="store_true", help="do not save the RNG states")
+    group.add_argument("--load", default=None, help="directory to load a checkpoint from")
+    group.add_argument("--no-load-optim", action="store_true", help="do not load the optimizer state")
+    group.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
+    group.add_argument("--finetune", action="store_true",
+                       help="load model weights only; start at iteration 0 with fresh optimizer and RNG")
+    group.add_argument("--reset-position-ids", action="store_true", help="restart position ids after each <|endoftext|>")
+    group.add_argument("--reset-attention-mask", action="store_true", help="no attention across <|endoftext|>")
+    group.add_argument("--eod-mask-loss", action="store_true", help="no loss on the <|endoftext|> token")
+    group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                       help="torch.distributed backend (default: nccl with GPUs, else gloo)")
+    group.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launchers")
+    group.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    group.add_argument("--exp-dir", default=None,
+                       help="experiment directory for hparams.json, githash.log, gitdiff.log "
+                            "(default: experiments/<timestamp>)")
+    group.add_argument("--log-timers", action="store_true",
+                       help="print per-phase timers (synchronises the device at each phase)")
+    group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                       help="collectives waiting longer than this fail instead of hanging")
+    return parser
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("validation", "validation configuration")
+    group.add_argument("--eval-batch-size", type=int, default=None, help="default: --batch-size")
+    group.add_argument("--eval-iters", type=int, default=100, help="batches per validation run")
+    group.add_argument("--eval-interval", type=int, default=1000, help="iterations between validation runs")
+    return parser
+
+
+def add_text_generate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    group = parser.add_argument_group("Text generation", "configurations")
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--greedy", action="store_true")
+    group.add_argument("--top_p", type=float, default=0.0)
+    group.add_argument("--top_k", type=int, default=0)
+    group.add_argument("--out-seq-length", type=int, default=256)
+    return parser
+
+
+def add_deepspeed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    import deepspeed
+
+    parser = deepspeed.add_config_arguments(parser)
+    group = parser.add_argument_group("DeepSpeed activation checkpointing")
+    group.add_argument("--deepspeed-activation-checkpointing", action="store_true",
+                       help="use DeepSpeed's activation checkpointing instead of mpu.checkpoint")
+    group.add_argument("--partition-activations", action="store_true",
+                       help="partition checkpointed activations across model-parallel ranks")
+    group.add_argument("--contigious-checkpointing", action="store_true",
+                       help="copy checkpointed activations into one contiguous buffer")
+    group.add_argument("--checkpoint-in-cpu", action="store_true", help="keep checkpointed activations in CPU memory")
+    group.add_argument("--synchronize-each-layer", action="store_true", help="synchronise at each checkpointed layer")
+    group.add_argument("--profile-backward", action="store_true", help="time the checkpointed backward")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GPT-2 pretraining (Megatron-LM with DeepSpeed)",
+                                     allow_abbrev=False)
+    for add in (add_model_config_args, add_fp16_config_args, add_training_args, add_evaluation_args,
+                add_text_generate_args, add_data_args, add_deepspeed_args):
+        parser = add(parser)
+    return parser
+
+
+def _require_positive(args: argparse.Namespace, names: list[str]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} must be positive, got {value}")
+
+
+def validate_model_args(args: argparse.Namespace) -> None:
+    _require_positive(args, ["num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+                             "seq_length", "model_parallel_size", "make_vocab_size_divisible_by"])
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+                          f"({args.num_attention_heads})")
+    if args.num_attention_heads % args.model_parallel_size:
+        raise ConfigError(f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+                          f"--model-parallel-size ({args.model_parallel_size})")
+    if args.seq_length > args.max_position_embeddings:
+        raise ConfigError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
+                          f"({args.max_position_embeddings}); raise the latter or shorten the sequence")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+
+def validate_training_args(args: argparse.Namespace) -> None:
+    _require_positive(args, ["batch_size", "train_iters", "lr", "log_interval", "eval_interval",
+                             "save_interval", "checkpoint_num_layers", "gradient_accumulation_steps",
+                             "distributed_timeout_minutes", "lr_decay_iters", "eval_batch_size"])
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.fp16 and args.bf16:
+        raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ConfigError(f"--loss-scale must be positive, got {args.loss_scale}")
+    if not 0.0 <= args.warmup <= 1.0:
+        raise ConfigError(f"--warmup is a fraction of --lr-decay-iters in [0, 1], got {args.warmup}")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr ({args.min_lr}) is above --lr ({args.lr})")
+    if args.load is not None and not os.path.isdir(args.load) and args.load != args.save:
+        raise ConfigError(f"--load directory {args.load!r} does not exist; check the path "
+                          "(to start fresh, drop --load or set it equal to --save)")
+
+
+def validate_deepspeed_args(args: argparse.Namespace) -> None:
+    if not args.deepspeed:
+        ignored = [flag for flag, on in (("--deepspeed-activation-checkpointing", args.deepspeed_activation_checkpointing),
+                                         ("--partition-activations", args.partition_activations)) if on]
+        if ignored:
+            raise ConfigError(f"{', '.join(ignored)} need --deepspeed")
+        return
+    if not args.deepspeed_config:
+        raise ConfigError("--deepspeed needs --deepspeed_config PATH (a DeepSpeed JSON config; see scripts/ds_*.json)")
+    if not os.path.isfile(args.deepspeed_config):
+        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} does not exist")
+    try:
+        with open(args.deepspeed_config) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} must hold a JSON object")
+    args.deepspeed_config_dict = config
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check the whole configuration; fill derived defaults. Raises ConfigError."""
+    validate_data_args(args)
+    validate_model_args(args)
+    validate_training_args(args)
+    validate_deepspeed_args(args)
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    args.params_dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    return args
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line (``argv`` defaults to ``sys.argv[1:]``)."""
+    args = build_parser().parse_args(argv)
+    return validate_args(args)

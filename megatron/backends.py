@@ -1,0 +1,169 @@
+"""The one seam between the Megatron and the DeepSpeed training paths.
+
+Both paths differ only in: initialisation, backward, optimizer step, the reported loss scale and
+checkpoint files. ``build_backend`` picks one at start-up; the training loop calls the same
+methods on either. This module (and ``arguments.py``) is the only place that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron import mpu
+from megatron.checkpointing import (
+    check_model_config,
+    megatron_checkpoint_name,
+    read_megatron_file,
+    save_torch_file,
+)
+from megatron.errors import ConfigError
+from megatron.fp16 import FP16_Module, FP16_Optimizer
+from megatron.learning_rates import AnnealingLR
+from megatron.model.distributed import DistributedDataParallel
+from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+
+ForwardStep = Callable[[], torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # mean over the micro batches, averaged over data-parallel ranks (0-dim)
+    skipped: bool
+    grad_norm: float | None
+
+
+def _param_dtype(args: argparse.Namespace) -> torch.dtype:
+    return {"fp16": torch.half, "bf16": torch.bfloat16}.get(args.params_dtype, torch.float32)
+
+
+def build_optimizer(param_groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """AdamW with decay off for biases and LayerNorm (groups from the model)."""
+    fused = args.device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=fused)
+
+
+def build_lr_scheduler(optimizer: Any, args: argparse.Namespace) -> AnnealingLR:
+    return AnnealingLR(optimizer, start_lr=args.lr, warmup_iter=int(args.warmup * args.lr_decay_iters),
+                       num_iters=args.lr_decay_iters, decay_style=args.lr_decay_style, last_iter=-1,
+                       min_lr=args.min_lr)
+
+
+def average_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
+    reduced = loss.detach().clone().float()
+    if mpu.get_data_parallel_world_size() > 1:
+        dist.all_reduce(reduced, group=mpu.get_data_parallel_group())
+        reduced /= mpu.get_data_parallel_world_size()
+    return reduced
+
+
+class MegatronBackend:
+    """Megatron-LM's own path: fp16/bf16 wrappers, explicit data-parallel all-reduce."""
+
+    name = "megatron"
+
+    def __init__(self, model: nn.Module, args: argparse.Namespace) -> None:
+        self.args = args
+        if args.gradient_accumulation_steps is None:
+            args.gradient_accumulation_steps = 1
+        self.unwrapped_model = model
+        param_groups = gpt2_get_params_for_weight_decay_optimization(model)
+        if args.params_dtype != "fp32":
+            model = FP16_Module(model, dtype=_param_dtype(args))
+        self.model = DistributedDataParallel(model)
+        optimizer = build_optimizer(param_groups, args)
+        if args.fp16:
+            dynamic = args.loss_scale is None
+            optimizer = FP16_Optimizer(optimizer, static_loss_scale=args.loss_scale or 1.0,
+                                       dynamic_loss_scale=dynamic, dynamic_loss_args={
+                                           "init_scale": args.initial_loss_scale,
+                                           "scale_window": args.loss_scale_window,
+                                           "min_scale": args.min_scale, "delayed_shift": args.hysteresis})
+        elif args.bf16:
+            optimizer = FP16_Optimizer(optimizer, static_loss_scale=1.0)
+        self.optimizer = optimizer
+        self.lr_scheduler = build_lr_scheduler(optimizer, args)
+
+    @property
+    def half(self) -> bool:
+        return isinstance(self.optimizer, FP16_Optimizer)
+
+    def train_step(self, forward_step: ForwardStep, num_micro_batches: int) -> StepResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.args.device)
+        for _ in range(num_micro_batches):
+            loss = forward_step() / num_micro_batches
+            if self.half:
+                self.optimizer.backward(loss, update_master_grads=False)
+            else:
+                loss.backward()
+            total += loss.detach().float()
+        self.model.allreduce_params(fp32_allreduce=self.args.fp32_allreduce)
+        grad_norm = None
+        if self.half:
+            self.optimizer.update_master_grads()
+            if self.args.clip_grad > 0:
+                grad_norm = self.optimizer.clip_master_grads(self.args.clip_grad)
+            applied = self.optimizer.step()
+        else:
+            if self.args.clip_grad > 0:
+                grad_norm = mpu.clip_grad_norm(self.unwrapped_model.parameters(), self.args.clip_grad)
+            self.optimizer.step()
+            applied = True
+        if applied:
+            self.lr_scheduler.step()
+        norm = float(grad_norm) if grad_norm is not None and applied else None
+        return StepResult(average_over_data_parallel(total), not applied, norm)
+
+    def loss_scale(self) -> float:
+        return float(self.optimizer.loss_scale) if self.half else 1.0
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def save_state(self, root: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Data-parallel rank 0 of each model-parallel rank writes ``model_optim_rng.pt``."""
+        if mpu.get_data_parallel_rank() != 0:
+            return
+        state = dict(client_state)
+        state["model"] = self.unwrapped_model.state_dict()
+        if not self.args.no_save_optim:
+            state["optimizer"] = self.optimizer.state_dict()
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        save_torch_file(state, megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank()))
+
+    def load_state(self, root: str, tag: str, load_optimizer: bool) -> dict[str, Any]:
+        path = megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank())
+        if not os.path.isfile(path) and os.path.isfile(os.path.join(root, tag, "mp_rank_00_model_states.pt")):
+            raise ConfigError(f"{os.path.join(root, tag)} is a DeepSpeed checkpoint: add --deepspeed to load it, "
+                              "or convert it with tools/convert_checkpoint.py")
+        state = read_megatron_file(path)
+        check_model_config(state.get("model_config", {}), self.args, path)
+        self.unwrapped_model.load_state_dict(state["model"])
+        if load_optimizer and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return state
+
+
+def build_backend(model: nn.Module, args: argparse.Namespace) -> Any:
+    """The Megatron backend, or with ``--deepspeed`` the DeepSpeed one."""
+    if args.deepspeed:
+        from megatron.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, args)
+    return MegatronBackend(model, args)

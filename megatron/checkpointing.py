@@ -1,0 +1,195 @@
+"""Checkpoints in Megatron's layout, for the Megatron and the DeepSpeed path alike.
+
+    <save>/latest_checkpointed_iteration.txt
+    <save>/iter_0000100/complete                              (written last)
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt         (Megatron path)
+    <save>/iter_0000100/mp_rank_00_model_states.pt, zero_*    (DeepSpeed path)
+
+A checkpoint is written under ``iter_0000100.tmp``, renamed once every rank has flushed its
+files, then marked complete; only then does the tracker file name it. A directory without its
+marker is never loaded. The backend (``megatron.backends``) writes and reads its own files;
+this module owns the directory protocol and the state common to both paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron import mpu
+from megatron.errors import ConfigError
+from megatron.rng import get_rng_states, set_rng_states
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+COMPLETE_MARKER = "complete"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_tag(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def megatron_checkpoint_name(root: str, tag: str, mp_rank: int) -> str:
+    return os.path.join(root, tag, f"mp_rank_{mp_rank:02d}", "model_optim_rng.pt")
+
+
+def model_config(args: argparse.Namespace) -> dict[str, int]:
+    """What a checkpoint's tensors depend on; a mismatch at load time is a user error."""
+    return {
+        "num_layers": args.num_layers,
+        "hidden_size": args.hidden_size,
+        "num_attention_heads": args.num_attention_heads,
+        "max_position_embeddings": args.max_position_embeddings,
+        "padded_vocab_size": args.padded_vocab_size,
+        "model_parallel_size": args.model_parallel_size,
+    }
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def save_torch_file(state: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def client_state(args: argparse.Namespace, iteration: int, consumed_samples: int) -> dict[str, Any]:
+    """The state both paths add to a checkpoint: progress, RNG, model shape."""
+    state: dict[str, Any] = {
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "model_config": model_config(args),
+    }
+    if not args.no_save_rng:
+        state["rng_states"] = get_rng_states()
+    return state
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(args: argparse.Namespace, backend: Any, iteration: int, consumed_samples: int) -> str:
+    """Write checkpoint ``iteration`` under ``args.save``; every rank calls it. Returns its directory."""
+    tag = checkpoint_tag(iteration)
+    staging_tag, final_dir = tag + ".tmp", os.path.join(args.save, tag)
+    staging_dir = os.path.join(args.save, staging_tag)
+    if dist.get_rank() == 0:
+        os.makedirs(args.save, exist_ok=True)
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        os.makedirs(staging_dir)
+    _barrier()
+    backend.save_state(args.save, staging_tag, client_state(args, iteration, consumed_samples))
+    if os.path.isdir(staging_dir):
+        _fsync_tree(staging_dir)
+    _barrier()
+    if dist.get_rank() == 0:
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(staging_dir, final_dir)
+        write_text_atomic(os.path.join(final_dir, COMPLETE_MARKER), f"{iteration}\n")
+        write_text_atomic(os.path.join(args.save, TRACKER_FILENAME), f"{iteration}\n")
+        if os.path.exists(os.path.join(args.save, "latest")):  # DeepSpeed's own pointer
+            write_text_atomic(os.path.join(args.save, "latest"), tag)
+    _barrier()
+    return final_dir
+
+
+def is_complete(load_dir: str, iteration: int) -> bool:
+    return os.path.isfile(os.path.join(load_dir, checkpoint_tag(iteration), COMPLETE_MARKER))
+
+
+def complete_iterations(load_dir: str) -> list[int]:
+    """Iterations with a complete checkpoint under ``load_dir``, oldest first."""
+    found = []
+    for name in os.listdir(load_dir) if os.path.isdir(load_dir) else []:
+        if name.startswith("iter_") and name[5:].isdigit() and is_complete(load_dir, int(name[5:])):
+            found.append(int(name[5:]))
+    return sorted(found)
+
+
+def latest_iteration(load_dir: str) -> int | None:
+    """The iteration the tracker names if complete, else the newest complete one, else None."""
+    tracker = os.path.join(load_dir, TRACKER_FILENAME)
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text.isdigit() and is_complete(load_dir, int(text)):
+            return int(text)
+    iterations = complete_iterations(load_dir)
+    return iterations[-1] if iterations else None
+
+
+def check_model_config(saved: dict[str, int], args: argparse.Namespace, where: str) -> None:
+    current = model_config(args)
+    diffs = [f"{key}: checkpoint {saved.get(key)} vs run {value}" for key, value in current.items()
+             if saved.get(key) != value]
+    if diffs:
+        hint = (" (reshard it with tools/convert_checkpoint.py reshard)"
+                if any(d.startswith("model_parallel_size") for d in diffs) else "")
+        raise ConfigError(f"checkpoint {where} does not match this model: {'; '.join(diffs)}{hint}")
+
+
+def load_checkpoint(args: argparse.Namespace, backend: Any) -> tuple[int, int]:
+    """Load the newest complete checkpoint under ``args.load``; returns (iteration, consumed_samples).
+
+    Returns (0, 0) and says so when there is nothing to load.
+    """
+    iteration = latest_iteration(args.load) if args.load else None
+    if iteration is None:
+        if mpu.get_data_parallel_rank() == 0 and dist.get_rank() == 0:
+            print(f" no complete checkpoint under {args.load}: starting from scratch", flush=True)
+        return 0, 0
+    tag = checkpoint_tag(iteration)
+    state = backend.load_state(args.load, tag, load_optimizer=not (args.no_load_optim or args.finetune))
+    check_model_config(state.get("model_config", {}), args, os.path.join(args.load, tag))
+    if args.finetune:
+        return 0, 0
+    if not args.no_load_rng and "rng_states" in state:
+        set_rng_states(state["rng_states"])
+    if dist.get_rank() == 0:
+        print(f" loaded checkpoint {os.path.join(args.load, tag)} at iteration {state['iteration']}", flush=True)
+    return int(state["iteration"]), int(state.get("consumed_samples", 0))
+
+
+def read_megatron_file(path: str) -> dict[str, Any]:
+    """``torch.load`` a Megatron-format file safely; a damaged file is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint file {path} is missing: was it saved with another "
+                          "--model-parallel-size, or with --deepspeed?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ConfigError(f"checkpoint file {path} cannot be read ({type(error).__name__}: {error}); "
+                          "it is corrupt: load an earlier iteration") from None

@@ -1,0 +1,48 @@
+"""Every RNG state a run depends on, as plain values and tensors (loadable with weights_only=True)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron import mpu
+
+
+def get_rng_states() -> dict[str, Any]:
+    """Python, NumPy, torch CPU, CUDA (when present) and model-parallel tracker states."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": mpu.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what ``get_rng_states`` captured."""
+    random.setstate(_as_tuple(states["random_rng_state"]))
+    np_state = states["np_rng_state"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(states["torch_rng_state"])
+    if states.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda_rng_state"])
+    mpu.get_cuda_rng_tracker().set_states(states["rng_tracker_states"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` needs tuples; serialisers may hand back lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuple(v) for v in value)
+    return value

@@ -1,0 +1,218 @@
+"""The training loop shared by the Megatron and DeepSpeed paths (and by GPT-2 and BERT).
+
+``pretrain(args, model_provider, data_provider, forward_step)`` runs start-up, training with
+periodic logging, validation and checkpoints, and a final test evaluation. The path-specific
+work happens in the backend (``megatron.backends``), so this loop reads the same for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.backends import average_over_data_parallel, build_backend
+from megatron.checkpointing import load_checkpoint, save_checkpoint
+from megatron.flops import model_flops_per_token
+from megatron.initialize import initialize_megatron
+from megatron.timers import Timers, memory_report
+
+ForwardStepFunc = Callable[[Iterator | None, nn.Module, argparse.Namespace], torch.Tensor]
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def global_batch_size(args: argparse.Namespace) -> int:
+    return args.batch_size * args.gradient_accumulation_steps * args.data_parallel_size
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0
+    interval_loss: torch.Tensor | None = None
+    interval_iterations: int = 0
+    interval_skipped: int = 0
+    last_grad_norm: float | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _git(*command: str) -> str:
+    try:
+        out = subprocess.run(["git", *command], capture_output=True, text=True, timeout=30,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def record_experiment(args: argparse.Namespace) -> None:
+    """Rank 0 writes hparams.json, githash.log and gitdiff.log into the experiment directory."""
+    if dist.get_rank() != 0:
+        return
+    if args.exp_dir is None:
+        args.exp_dir = os.path.join("experiments", time.strftime("gpt2-%Y%m%d-%H%M%S"))
+    os.makedirs(args.exp_dir, exist_ok=True)
+    hparams = {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
+               for k, v in sorted(vars(args).items())}
+    with open(os.path.join(args.exp_dir, "hparams.json"), "w") as handle:
+        json.dump(hparams, handle, indent=2)
+    with open(os.path.join(args.exp_dir, "githash.log"), "w") as handle:
+        handle.write(_git("rev-parse", "HEAD"))
+    with open(os.path.join(args.exp_dir, "gitdiff.log"), "w") as handle:
+        handle.write(_git("diff", "HEAD"))
+
+
+def build_tensorboard_writer(args: argparse.Namespace) -> Any:
+    if args.tensorboard_dir is None or dist.get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=args.tensorboard_dir)
+
+
+def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed: float) -> str:
+    iterations = max(state.interval_iterations, 1)
+    loss = (state.interval_loss / iterations).item()
+    ms_per_iter = elapsed * 1000.0 / iterations
+    tokens_per_s = global_batch_size(args) * args.seq_length / max(elapsed / iterations, 1e-9)
+    flops = model_flops_per_token(args.num_layers, args.hidden_size, args.seq_length, args.padded_vocab_size)
+    tflops_per_device = tokens_per_s * flops / args.world_size / 1e12
+    grad_norm = "n/a" if state.last_grad_norm is None else f"{state.last_grad_norm:.3E}"
+    state.extras.update(loss=loss, tokens_per_s=tokens_per_s, tflops=tflops_per_device)
+    return (f" iteration {state.iteration:8d}/{args.train_iters:8d} |"
+            f" elapsed time per iteration (ms): {ms_per_iter:.1f} |"
+            f" learning rate {backend.learning_rate():.3E} |"
+            f" lm loss {loss:.6E} |"
+            f" loss scale {backend.loss_scale():.1f} |"
+            f" grad norm {grad_norm} |"
+            f" number of skipped iterations {state.interval_skipped:3d} |"
+            f" tokens/s {tokens_per_s:.1f} |"
+            f" TFLOP/s per device {tflops_per_device:.3f} |")
+
+
+def _write_scalars(writer: Any, state: TrainState, backend: Any) -> None:
+    if writer is None:
+        return
+    step = state.iteration
+    writer.add_scalar("lm loss", state.extras["loss"], step)
+    writer.add_scalar("learning rate", backend.learning_rate(), step)
+    writer.add_scalar("loss scale", backend.loss_scale(), step)
+    if state.last_grad_norm is not None:
+        writer.add_scalar("grad norm", state.last_grad_norm, step)
+    writer.add_scalar("tokens per second", state.extras["tokens_per_s"], step)
+    writer.add_scalar("TFLOP/s per device", state.extras["tflops"], step)
+    writer.flush()
+
+
+def evaluate(forward_step: ForwardStepFunc, data_iterator: Iterator | None, backend: Any,
+             args: argparse.Namespace) -> float:
+    """Mean loss over ``--eval-iters`` batches, averaged over data-parallel ranks."""
+    backend.eval()
+    total = torch.zeros((), device=args.device)
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            total += forward_step(data_iterator, backend.model, args).detach().float()
+    backend.train()
+    return average_over_data_parallel(total / max(args.eval_iters, 1)).item()
+
+
+def evaluate_and_print_results(prefix: str, forward_step: ForwardStepFunc, data_iterator: Iterator | None,
+                               backend: Any, args: argparse.Namespace, writer: Any = None,
+                               iteration: int = 0) -> float | None:
+    """Every rank calls it; ranks other than model-parallel rank 0 pass a None iterator."""
+    loss = evaluate(forward_step, data_iterator, backend, args)
+    ppl = math.exp(min(20.0, loss))
+    line = f" validation loss at {prefix} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+    print_rank_0("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+    if writer is not None:
+        writer.add_scalar("validation loss", loss, iteration)
+        writer.add_scalar("validation ppl", ppl, iteration)
+    return loss
+
+
+def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator | None,
+          valid_iterator: Iterator | None, args: argparse.Namespace, state: TrainState) -> TrainState:
+    timers = Timers(synchronize=args.log_timers)
+    writer = build_tensorboard_writer(args)
+    backend.train()
+    interval_start = time.perf_counter()
+    while state.iteration < args.train_iters:
+        timers("step").start()
+        result = backend.train_step(lambda: forward_step(train_iterator, backend.model, args),
+                                    args.gradient_accumulation_steps)
+        timers("step").stop()
+        state.iteration += 1
+        state.consumed_samples += global_batch_size(args)
+        loss = result.loss
+        state.interval_loss = loss if state.interval_loss is None else state.interval_loss + loss
+        state.interval_iterations += 1
+        state.interval_skipped += int(result.skipped)
+        state.skipped_iterations += int(result.skipped)
+        state.last_grad_norm = result.grad_norm
+        if state.iteration % args.log_interval == 0:
+            elapsed = time.perf_counter() - interval_start
+            print_rank_0(_log_line(args, state, backend, elapsed))
+            _write_scalars(writer, state, backend)
+            if args.log_timers:
+                print_rank_0(timers.log_string(["step"], normalizer=state.interval_iterations))
+            if state.iteration == args.log_interval:
+                print_rank_0(memory_report(f"after {state.iteration} iterations"))
+            state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, 0
+            interval_start = time.perf_counter()
+        if args.save and state.iteration % args.save_interval == 0:
+            save_checkpoint(args, backend, state.iteration, state.consumed_samples)
+            interval_start = time.perf_counter()
+        if args.do_valid and state.iteration % args.eval_interval == 0:
+            evaluate_and_print_results(f"iteration {state.iteration}", forward_step, valid_iterator,
+                                       backend, args, writer, state.iteration)
+            interval_start = time.perf_counter()
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def pretrain(args: argparse.Namespace, model_provider: Callable[[argparse.Namespace], nn.Module],
+             data_provider: Callable[[argparse.Namespace, int], tuple[Any, Any, Any]],
+             forward_step: ForwardStepFunc) -> TrainState:
+    """Start-up, training, checkpoints and evaluation; every rank calls it.
+
+    ``data_provider(args, consumed_samples)`` returns the train/valid/test iterators (None on
+    ranks that do not read data) and sets ``args.do_valid`` / ``args.do_test`` on every rank.
+    """
+    initialize_megatron(args)
+    record_experiment(args)
+    model = model_provider(args)
+    backend = build_backend(model, args)
+    state = TrainState()
+    if args.load:
+        state.iteration, state.consumed_samples = load_checkpoint(args, backend)
+    print_rank_0(f" > training with {args.world_size} ranks: model parallel {args.model_parallel_size}, "
+                 f"data parallel {args.data_parallel_size}, global batch {global_batch_size(args)}, "
+                 f"backend {backend.name}")
+    train_iterator, valid_iterator, test_iterator = data_provider(args, state.consumed_samples)
+    if state.iteration < args.train_iters:
+        state = train(forward_step, backend, train_iterator, valid_iterator, args, state)
+        if args.save and state.iteration % args.save_interval != 0:
+            save_checkpoint(args, backend, state.iteration, state.consumed_samples)
+    if args.do_valid:
+        evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",
+                                   forward_step, valid_iterator, backend, args)
+    if args.do_test:
+        evaluate_and_print_results("the end of training for test data", forward_step, test_iterator,
+                                   backend, args)
+    return state

@@ -1,0 +1,152 @@
+"""Pretrain GPT-2 (Megatron-LM; ``--deepspeed`` switches the same training to DeepSpeed).
+
+    torchrun --nproc_per_node 2 pretrain_gpt2.py --model-parallel-size 2 --train-data webtext ...
+    deepspeed pretrain_gpt2.py --deepspeed --deepspeed_config scripts/ds_zero1_config.json ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron import mpu
+from megatron.data import DataError, build_data_loader, build_train_valid_test_datasets
+from megatron.data.demo import ensure_demo_corpus
+from megatron.errors import ConfigError
+from megatron.model import GPT2Model
+from megatron.tokenizer import build_tokenizer
+from megatron.training import global_batch_size, pretrain, print_rank_0
+
+
+def model_provider(args: argparse.Namespace) -> GPT2Model:
+    print_rank_0(" building GPT2 model ...")
+    model = GPT2Model(num_layers=args.num_layers, vocab_size=args.padded_vocab_size,
+                      hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+                      embedding_dropout_prob=args.hidden_dropout, attention_dropout_prob=args.attention_dropout,
+                      output_dropout_prob=args.hidden_dropout, max_sequence_length=args.max_position_embeddings,
+                      checkpoint_activations=args.checkpoint_activations,
+                      checkpoint_num_layers=args.checkpoint_num_layers, parallel_output=True,
+                      init_method_std=args.init_method_std)
+    if mpu.get_data_parallel_rank() == 0:
+        count = sum(p.numel() for p in model.parameters())
+        print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {count}",
+              flush=True)
+    return model.to(args.device)
+
+
+def get_masks_and_position_ids(tokens: torch.Tensor, eod_token: int, reset_position_ids: bool,
+                               reset_attention_mask: bool, eod_mask_loss: bool
+                               ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Attention mask (None: plain causal), loss mask and position ids for ``tokens`` (b, s)."""
+    batch, seq = tokens.shape
+    loss_mask = torch.ones(tokens.shape, dtype=torch.float, device=tokens.device)
+    if eod_mask_loss:
+        loss_mask[tokens == eod_token] = 0.0
+    position_ids = torch.arange(seq, dtype=torch.long, device=tokens.device).unsqueeze(0).expand(batch, seq)
+    if not (reset_position_ids or reset_attention_mask):
+        return None, loss_mask, position_ids
+    position_ids = position_ids.clone()
+    attention_mask = torch.tril(torch.ones(batch, 1, seq, seq, device=tokens.device))
+    for b in range(batch):
+        previous = 0
+        for index in (tokens[b] == eod_token).nonzero().flatten().tolist():
+            if reset_attention_mask:
+                attention_mask[b, 0, index + 1:, : index + 1] = 0
+            if reset_position_ids:
+                position_ids[b, index + 1:] -= index + 1 - previous
+            previous = index + 1
+    return attention_mask, loss_mask, position_ids
+
+
+def get_batch(data_iterator: Iterator | None, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """Read on model-parallel rank 0, broadcast to the group, build inputs/labels/masks."""
+    data = next(data_iterator) if mpu.get_model_parallel_rank() == 0 else None
+    text = mpu.broadcast_data(["text"], data, torch.int64)["text"].to(args.device, non_blocking=True)
+    tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    attention_mask, loss_mask, position_ids = get_masks_and_position_ids(
+        tokens, args.eod_token, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
+    return tokens, labels, loss_mask, attention_mask, position_ids
+
+
+def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+    """Mean language-model loss of one micro batch (a 0-dim fp32 tensor)."""
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, args)
+    logits = model(tokens, position_ids, attention_mask)
+    losses = mpu.vocab_parallel_cross_entropy(logits.contiguous(), labels, vocab_size=args.vocab_size)
+    return torch.sum(losses * loss_mask) / loss_mask.sum()
+
+
+def _cycle(loader: Any) -> Iterator:
+    while True:
+        yield from loader
+
+
+def data_provider(args: argparse.Namespace, consumed_samples: int) -> tuple[Any, Any, Any]:
+    """Loaders on model-parallel rank 0 of each group; ``args.do_valid``/``do_test`` on all ranks."""
+    flags = torch.zeros(2, dtype=torch.long, device=mpu.communication_device())
+    iterators: list[Any] = [None, None, None]
+    if mpu.get_model_parallel_rank() == 0:
+        tokenizer = build_tokenizer(args)
+        batch = global_batch_size(args)
+        eval_batch = args.eval_batch_size * args.data_parallel_size
+        evaluations = args.train_iters // args.eval_interval + 1
+        num_samples = (args.train_iters * batch, evaluations * args.eval_iters * eval_batch,
+                       args.eval_iters * eval_batch)
+        datasets = build_train_valid_test_datasets(args, tokenizer, num_samples)
+        consumed = (consumed_samples, 0, 0)
+        micro = (args.batch_size, args.eval_batch_size, args.eval_batch_size)
+        for i, dataset in enumerate(datasets):
+            if dataset is not None and len(dataset) > 0:
+                loader = build_data_loader(dataset, micro[i], args.num_workers, consumed[i],
+                                           mpu.get_data_parallel_rank(), args.data_parallel_size)
+                iterators[i] = iter(loader) if i == 0 else _cycle(loader)
+        flags[0], flags[1] = int(iterators[1] is not None), int(iterators[2] is not None)
+    dist.broadcast(flags, 0)
+    args.do_valid, args.do_test = bool(flags[0]) and args.eval_iters > 0, bool(flags[1]) and args.eval_iters > 0
+    return tuple(iterators)
+
+
+def _uses_demo(args: argparse.Namespace) -> bool:
+    demo_dir = os.path.abspath(args.demo_data_dir)
+    in_demo = [p for p in (args.vocab_file, args.merge_file) if p and os.path.dirname(os.path.abspath(p)) == demo_dir]
+    return bool(in_demo) or "demo" in (args.train_data or [])
+
+
+def resolve_tokenizer(args: argparse.Namespace) -> None:
+    """Build the demo corpus if it is used (once, whichever rank gets there first), then fix the
+    vocabulary sizes on every rank."""
+    if _uses_demo(args):
+        ensure_demo_corpus(args.demo_data_dir)
+    tokenizer = build_tokenizer(args)
+    args.vocab_size = args.vocab_size or tokenizer.vocab_size
+    args.eod_token = tokenizer.eod
+    args.padded_vocab_size = mpu.pad_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
+                                                args.model_parallel_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from arguments import get_args
+
+    try:
+        args = get_args(argv)
+        resolve_tokenizer(args)
+        pretrain(args, model_provider, data_provider, forward_step)
+    except (ConfigError, DataError, ValueError) as error:
+        if not isinstance(error, (ConfigError, DataError)) and type(error) is not ValueError:
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
