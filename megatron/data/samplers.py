@@ -66,7 +66,9 @@ def build_data_loader(dataset: torch.utils.data.Dataset, micro_batch_size: int, 
     """
     sampler = MegatronPretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                          data_parallel_rank, data_parallel_size)
+    # A private generator: creating an iterator must not draw from the global torch RNG, or a
+    # resumed run (RNG restored from the checkpoint, then loaders built) would drift.
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate_samples,
+                                       collate_fn=collate_samples, generator=torch.Generator(),
                                        pin_memory=torch.cuda.is_available(),
                                        persistent_workers=num_workers > 0)
