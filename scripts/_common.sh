@@ -1,0 +1,80 @@
+# Shared settings of the launch scripts (sourced, not run). Every value can be overridden from the
+# environment:
+#   MODEL=demo|124M|345M|1.5B|4B|8B|20B   model size (demo: tiny, trains on a 2-core CPU in minutes)
+#   TRAIN_DATA=demo|webtext|PATH.json      loose-JSON corpus (demo is built on first use)
+#   DATA_PATH="PREFIX" or "0.3 A 0.7 B"    preprocessed .bin/.idx data instead of TRAIN_DATA
+#   VOCAB_FILE, MERGE_FILE                 GPT-2 vocabulary (default: the demo's)
+#   BATCH_SIZE, TRAIN_ITERS, SEQ_LENGTH, LR, CHECKPOINT_PATH, PRECISION=fp32|fp16|bf16
+#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+set -euo pipefail
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+HAVE_GPU=$(python -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$HAVE_GPU" = 1 ]; then
+  DEFAULT_GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+  DEFAULT_PRECISION=fp16
+else
+  DEFAULT_GPUS=2  # CPU ranks (gloo)
+  DEFAULT_PRECISION=fp32
+fi
+GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-$(python -c "import socket; s=socket.socket(); s.bind(('',0)); print(s.getsockname()[1])")}
+PRECISION=${PRECISION:-$DEFAULT_PRECISION}
+MODEL=${MODEL:-demo}
+
+case "$MODEL" in
+  demo) LAYERS=4;  HIDDEN=256;  HEADS=8;  SEQ=128;  DEF_BATCH=8; DEF_ITERS=150; DEF_LR=1e-3 ;;
+  124M) LAYERS=12; HIDDEN=768;  HEADS=12; SEQ=1024; DEF_BATCH=8; DEF_ITERS=320000; DEF_LR=6e-4 ;;
+  345M) LAYERS=24; HIDDEN=1024; HEADS=16; SEQ=1024; DEF_BATCH=8; DEF_ITERS=320000; DEF_LR=1.5e-4 ;;
+  1.5B) LAYERS=48; HIDDEN=1600; HEADS=16; SEQ=1024; DEF_BATCH=8; DEF_ITERS=320000; DEF_LR=1.5e-4 ;;
+  4B)   LAYERS=64; HIDDEN=2304; HEADS=16; SEQ=1024; DEF_BATCH=8; DEF_ITERS=320000; DEF_LR=1.5e-4 ;;
+  8B)   LAYERS=72; HIDDEN=3072; HEADS=24; SEQ=1024; DEF_BATCH=8; DEF_ITERS=320000; DEF_LR=1.5e-4 ;;
+  20B)  LAYERS=111; HIDDEN=3808; HEADS=32; SEQ=1024; DEF_BATCH=4; DEF_ITERS=320000; DEF_LR=1.5e-4 ;;
+  *) echo "error: MODEL=$MODEL is not one of demo 124M 345M 1.5B 4B 8B 20B" >&2; exit 2 ;;
+esac
+SEQ_LENGTH=${SEQ_LENGTH:-$SEQ}
+BATCH_SIZE=${BATCH_SIZE:-$DEF_BATCH}
+TRAIN_ITERS=${TRAIN_ITERS:-$DEF_ITERS}
+LR=${LR:-$DEF_LR}
+VOCAB_FILE=${VOCAB_FILE:-data/demo/gpt2-vocab.json}
+MERGE_FILE=${MERGE_FILE:-data/demo/gpt2-merges.txt}
+CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/gpt2_${MODEL}}
+
+if [ -n "${DATA_PATH:-}" ]; then
+  # shellcheck disable=SC2206
+  DATA_ARGS=(--data-path $DATA_PATH)
+else
+  DATA_ARGS=(--train-data "${TRAIN_DATA:-demo}")
+fi
+
+case "$PRECISION" in
+  fp32) PRECISION_ARGS=() ;;
+  fp16) PRECISION_ARGS=(--fp16) ;;
+  bf16) PRECISION_ARGS=(--bf16) ;;
+  *) echo "error: PRECISION=$PRECISION is not one of fp32 fp16 bf16" >&2; exit 2 ;;
+esac
+
+if [ "$MODEL" = demo ]; then
+  EVAL_ARGS=(--log-interval 10 --eval-interval 50 --eval-iters 5 --save-interval 100)
+else
+  EVAL_ARGS=(--log-interval 100 --eval-interval 1000 --eval-iters 10 --save-interval 5000 --checkpoint-activations)
+fi
+
+GPT2_ARGS=(
+  --num-layers "$LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
+  --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
+  --batch-size "$BATCH_SIZE" --train-iters "$TRAIN_ITERS" --lr "$LR" --lr-decay-style cosine
+  --warmup 0.01 --weight-decay 1e-2 --clip-grad 1.0 --min-lr 1e-5
+  "${DATA_ARGS[@]}" --vocab-file "$VOCAB_FILE" --merge-file "$MERGE_FILE" --split 949,50,1
+  --save "$CHECKPOINT_PATH" --load "$CHECKPOINT_PATH"
+  "${EVAL_ARGS[@]}" "${PRECISION_ARGS[@]}"
+)
+
+# Build the demo corpus once, before the ranks start (they would otherwise wait on its lock).
+if [ "${TRAIN_DATA:-demo}" = demo ] || [[ "$VOCAB_FILE" == data/demo/* ]]; then
+  python tools/build_demo_corpus.py --output-dir data/demo >/dev/null
+fi
