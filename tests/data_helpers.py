@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
+
+
+@pytest.fixture(scope="session")
+def reference_bpe() -> type:
+    """``ReferenceGPT2BPE`` from tools/reference_gpt2_bpe.py (shared with the benchmark)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reference_gpt2_bpe",
+                                                  ROOT / "tools" / "reference_gpt2_bpe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ReferenceGPT2BPE
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,13 @@ import struct
 
 import numpy as np
 import pytest
-from data_helpers import data_args, demo_paths, demo_tokenizer, run_tool, sentences, write_json_lines  # noqa: F401
+from data_helpers import data_args, run_tool, sentences, write_json_lines
 
 from megatron.data import IndexedDatasetError, build_train_valid_test_datasets
 from megatron.data.errors import DataError
 from megatron.data.indexed_dataset import MMapIndexedDataset
+
+pytest_plugins = ["data_helpers"]  # demo_paths, demo_tokenizer fixtures
 
 
 def minimal_read(prefix: str) -> tuple[int, list[np.ndarray]]:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from data_helpers import data_args, demo_paths, demo_tokenizer, sentences, write_json_lines  # noqa: F401
+from data_helpers import data_args, sentences, write_json_lines
 
 from megatron.data import LooseJSONError, build_train_valid_test_datasets
 from megatron.data.arguments import validate_data_args
 from megatron.data.errors import DataError
 from megatron.data.loose_json import ReadStats, iter_json_texts
+
+pytest_plugins = ["data_helpers"]  # demo_paths, demo_tokenizer fixtures
 
 
 def build(demo_paths, tokenizer, path, counts, **overrides):

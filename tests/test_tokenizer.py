@@ -8,11 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from data_helpers import demo_paths, demo_tokenizer  # noqa: F401 - fixtures
-from reference_gpt2_bpe import ReferenceGPT2BPE
 
 from megatron.tokenizer import EOD_TOKEN, GPT2BPETokenizer, TokenizerFileError, build_tokenizer
 from megatron.tokenizer.training import train_byte_level_bpe
+
+pytest_plugins = ["data_helpers"]  # demo_paths, demo_tokenizer, reference_bpe fixtures
 
 
 def random_unicode(rng: random.Random, max_chars: int = 40) -> str:
@@ -49,26 +49,27 @@ def unicode_tokenizer_files(tmp_path_factory, random_strings) -> tuple[str, str]
     return str(vocab), str(merges)
 
 
-def assert_same_ids(vocab: str, merges: str, texts: list[str]) -> None:
-    tokenizer, reference = GPT2BPETokenizer(vocab, merges), ReferenceGPT2BPE(vocab, merges)
+def assert_same_ids(reference_bpe: type, vocab: str, merges: str, texts: list[str]) -> None:
+    tokenizer, reference = GPT2BPETokenizer(vocab, merges), reference_bpe(vocab, merges)
     got = tokenizer.tokenize_batch(texts)
     for text, ids in zip(texts, got):
         assert ids == reference.encode(text), f"ids differ for {text!r}"
         assert tokenizer.detokenize(ids) == text
 
 
-def test_random_unicode_matches_reference_demo_vocab(demo_paths, random_strings):
-    assert_same_ids(str(demo_paths["vocab"]), str(demo_paths["merges"]), random_strings)
+def test_random_unicode_matches_reference_demo_vocab(reference_bpe, demo_paths, random_strings):
+    assert_same_ids(reference_bpe, str(demo_paths["vocab"]), str(demo_paths["merges"]), random_strings)
 
 
-def test_random_unicode_matches_reference_unicode_vocab(unicode_tokenizer_files, random_strings):
-    assert_same_ids(*unicode_tokenizer_files, random_strings)
+def test_random_unicode_matches_reference_unicode_vocab(reference_bpe, unicode_tokenizer_files,
+                                                        random_strings):
+    assert_same_ids(reference_bpe, *unicode_tokenizer_files, random_strings)
 
 
-def test_demo_corpus_matches_reference(demo_paths):
+def test_demo_corpus_matches_reference(reference_bpe, demo_paths):
     with open(demo_paths["data"], encoding="utf-8") as handle:
         texts = [json.loads(line)["text"] for line in handle]
-    assert_same_ids(str(demo_paths["vocab"]), str(demo_paths["merges"]), texts)
+    assert_same_ids(reference_bpe, str(demo_paths["vocab"]), str(demo_paths["merges"]), texts)
 
 
 def test_eod_and_sizes(demo_tokenizer):
@@ -107,11 +108,11 @@ def test_missing_and_malformed_files(tmp_path, demo_paths):
         GPT2BPETokenizer(str(tmp_path / "notjson.json"), str(demo_paths["merges"]))
 
 
-def test_build_tokenizer_from_args(demo_paths):
+def test_build_tokenizer_from_args(reference_bpe, demo_paths):
     from data_helpers import data_args
 
     tokenizer = build_tokenizer(data_args(demo_paths))
-    assert tokenizer.tokenize("hello world") == ReferenceGPT2BPE(
+    assert tokenizer.tokenize("hello world") == reference_bpe(
         str(demo_paths["vocab"]), str(demo_paths["merges"])).encode("hello world")
     with pytest.raises(ValueError, match="--vocab-file and --merge-file"):
         build_tokenizer(data_args(demo_paths, vocab_file=None))
