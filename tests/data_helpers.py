@@ -1,4 +1,7 @@
-"""Shared helpers for the data-pipeline tests: the demo corpus, small corpora, argument sets."""
+"""Shared helpers for the data-pipeline tests: the demo corpus, small corpora, argument sets.
+
+Loaded as a plugin (``pytest_plugins``) and imported; it has no asserts: PYTEST_DONT_REWRITE
+"""
 
 from __future__ import annotations
 

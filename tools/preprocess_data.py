@@ -67,19 +67,24 @@ def encode_lines(task: tuple[str, list[tuple[int, bytes]], list[str], bool, type
     """Encode ``(line number, line)`` pairs: ``(bytes, {key: ids})`` or ``(bytes, error message)``."""
     path, lines, keys, append_eod, dtype = task
     tokenizer = tokenizer or _worker_tokenizer
-    results: list[tuple[int, object]] = []
+    records: list[tuple[int, object]] = []
     for number, line in lines:
         try:
-            record = {key: parse_json_line(line, path, number, key) for key in keys}
+            records.append((len(line), {key: parse_json_line(line, path, number, key) for key in keys}))
         except LooseJSONError as error:
-            results.append((len(line), str(error)))
-            continue
-        encoded = {}
-        for key, text in record.items():
-            ids = tokenizer.tokenize(text) if text.strip() else []
-            # numpy arrays pickle compactly on the way back from a worker
-            encoded[key] = np.asarray(ids + [tokenizer.eod] if ids and append_eod else ids, dtype)
-        results.append((len(line), encoded))
+            records.append((len(line), str(error)))
+    texts = [text for _, record in records if isinstance(record, dict) for text in record.values()]
+    encoded_texts = iter(tokenizer.tokenize_batch([text if text.strip() else "" for text in texts]))
+    results: list[tuple[int, object]] = []
+    for size, record in records:
+        if isinstance(record, dict):
+            encoded = {}
+            for key in record:
+                ids = next(encoded_texts)
+                # numpy arrays pickle compactly on the way back from a worker
+                encoded[key] = np.asarray(ids + [tokenizer.eod] if ids and append_eod else ids, dtype)
+            record = encoded
+        results.append((size, record))
     return results
 
 
