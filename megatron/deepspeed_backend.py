@@ -99,7 +99,10 @@ def build_deepspeed_config(args: argparse.Namespace) -> dict[str, Any]:
 def configure_activation_checkpointing(args: argparse.Namespace, config: dict[str, Any]) -> None:
     """Route ``mpu.checkpoint`` and the RNG tracker through DeepSpeed's activation checkpointing."""
     import deepspeed
+    import torch.distributed as dist
 
+    # Wraps the existing process group (deepspeed.initialize would do it later).
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     deepspeed.checkpointing.configure(
         mpu, deepspeed_config=None, partition_activations=args.partition_activations,
         contiguous_checkpointing=args.contigious_checkpointing, num_checkpoints=args.num_layers,

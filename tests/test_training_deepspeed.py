@@ -69,3 +69,11 @@ def test_batch_size_contradiction_is_a_clear_error(demo_corpus: Path, tmp_path: 
     assert "train_batch_size must equal --batch-size x gradient accumulation x data-parallel size" in out.stderr
     # torchrun reports the failed child; no frame of our code may appear (no traceback for user errors).
     assert f'File "{REPO}' not in out.stderr
+
+
+def test_deepspeed_activation_checkpointing_end_to_end(demo_corpus: Path, tmp_path: Path) -> None:
+    common = TINY_GPT2 + NO_DROPOUT + ["--train-iters", "8", "--batch-size", "4", "--model-parallel-size", "2"]
+    baseline = run_training(2, common)
+    checkpointed = run_training(2, common + ds_args(tmp_path, 1) + [
+        "--checkpoint-activations", "--deepspeed-activation-checkpointing", "--partition-activations"])
+    assert_losses_close(losses(checkpointed.stdout), losses(baseline.stdout))

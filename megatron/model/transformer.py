@@ -161,18 +161,21 @@ class ParallelTransformer(nn.Module):
         self.final_layernorm = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPSILON)
 
     def _run_layers(self, start: int, end: int) -> Callable[..., torch.Tensor]:
-        def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        def run(hidden_states: torch.Tensor, *attention_mask: torch.Tensor) -> torch.Tensor:
+            mask = attention_mask[0] if attention_mask else None
             for layer in self.layers[start:end]:
-                hidden_states = layer(hidden_states, attention_mask)
+                hidden_states = layer(hidden_states, mask)
             return hidden_states
 
         return run
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # A None mask is left out of the arguments: checkpoint functions save tensors only.
+        mask_args = () if attention_mask is None else (attention_mask,)
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
             for start in range(0, len(self.layers), self.checkpoint_num_layers):
                 end = min(start + self.checkpoint_num_layers, len(self.layers))
-                hidden_states = mpu.checkpoint(self._run_layers(start, end), hidden_states, attention_mask)
+                hidden_states = mpu.checkpoint(self._run_layers(start, end), hidden_states, *mask_args)
         else:
-            hidden_states = self._run_layers(0, len(self.layers))(hidden_states, attention_mask)
+            hidden_states = self._run_layers(0, len(self.layers))(hidden_states, *mask_args)
         return self.final_layernorm(hidden_states)
