@@ -91,6 +91,17 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="print per-phase timers (synchronises the device at each phase)")
     group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                        help="collectives waiting longer than this fail instead of hanging")
+    group.add_argument("--keep-last-n", type=int, default=None,
+                       help="keep only the newest N complete checkpoints (default: keep all)")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM, save a checkpoint and exit cleanly")
+    group.add_argument("--exit-interval", type=int, default=None,
+                       help="save a checkpoint and exit when the iteration is a multiple of this")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="save a checkpoint and exit after this many minutes of training")
+    group.add_argument("--max-skipped-steps", type=int, default=5,
+                       help="stop after this many consecutive steps skipped for a non-finite loss or "
+                            "gradient norm (bf16/fp32; fp16 overflow is handled by the loss scaler)")
     return parser
 
 
@@ -166,7 +177,8 @@ def validate_model_args(args: argparse.Namespace) -> None:
 def validate_training_args(args: argparse.Namespace) -> None:
     _require_positive(args, ["batch_size", "train_iters", "lr", "log_interval", "eval_interval",
                              "save_interval", "checkpoint_num_layers", "gradient_accumulation_steps",
-                             "distributed_timeout_minutes", "lr_decay_iters", "eval_batch_size"])
+                             "distributed_timeout_minutes", "lr_decay_iters", "eval_batch_size",
+                             "keep_last_n", "exit_interval", "exit_duration_in_mins", "max_skipped_steps"])
     if args.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if args.fp16 and args.bf16:
@@ -180,6 +192,21 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if args.load is not None and not os.path.isdir(args.load) and args.load != args.save:
         raise ConfigError(f"--load directory {args.load!r} does not exist; check the path "
                           "(to start fresh, drop --load or set it equal to --save)")
+    if args.save is not None:
+        check_writable(args.save)
+
+
+def check_writable(directory: str) -> None:
+    """Fail at start-up, not at the first checkpoint, when ``--save`` cannot be written."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as handle:
+            handle.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigError(f"--save directory {directory!r} is not writable ({error.strerror}); "
+                          "pick a directory you can write to") from None
 
 
 def validate_deepspeed_args(args: argparse.Namespace) -> None:

@@ -16,12 +16,11 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
-from megatron.data import DataError, build_data_loader, build_train_valid_test_datasets
+from megatron.data import build_data_loader, build_train_valid_test_datasets
 from megatron.data.demo import ensure_demo_corpus
-from megatron.errors import ConfigError
 from megatron.model import GPT2Model
 from megatron.tokenizer import build_tokenizer
-from megatron.training import global_batch_size, pretrain, print_rank_0
+from megatron.training import global_batch_size, pretrain, print_rank_0, run_entry_point
 
 
 def model_provider(args: argparse.Namespace) -> GPT2Model:
@@ -133,20 +132,19 @@ def resolve_tokenizer(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     from arguments import get_args
 
-    try:
+    def run() -> None:
         args = get_args(argv)
         resolve_tokenizer(args)
         pretrain(args, model_provider, data_provider, forward_step)
-    except (ConfigError, DataError, ValueError) as error:
-        if not isinstance(error, (ConfigError, DataError)) and type(error) is not ValueError:
-            raise
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+
+    return run_entry_point(run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    # Leave without running C++ static destructors: with gloo and DeepSpeed's CPU communication
+    # threads still alive they occasionally abort (SIGABRT) a run that finished correctly.
+    # Checkpoints are already fsynced and the process group destroyed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

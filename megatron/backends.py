@@ -107,27 +107,44 @@ class MegatronBackend:
                 loss.backward()
             total += loss.detach().float()
         self.model.allreduce_params(fp32_allreduce=self.args.fp32_allreduce)
-        grad_norm = None
         if self.half:
-            self.optimizer.update_master_grads()
-            if self.args.clip_grad > 0:
-                grad_norm = self.optimizer.clip_master_grads(self.args.clip_grad)
-            applied = self.optimizer.step()
+            applied, grad_norm = self._half_step()
         else:
-            if self.args.clip_grad > 0:
-                grad_norm = mpu.clip_grad_norm(self.unwrapped_model.parameters(), self.args.clip_grad)
-            self.optimizer.step()
-            applied = True
+            applied, grad_norm = self._full_precision_step()
         if applied:
             self.lr_scheduler.step()
         norm = float(grad_norm) if grad_norm is not None and applied else None
         return StepResult(average_over_data_parallel(total), not applied, norm)
+
+    def _half_step(self) -> tuple[bool, torch.Tensor | None]:
+        """fp16/bf16 masters: the wrapper detects inf/NaN (across model-parallel ranks) and skips."""
+        self.optimizer.update_master_grads()
+        grad_norm = None
+        if self.args.clip_grad > 0:
+            grad_norm = self.optimizer.clip_master_grads(self.args.clip_grad)
+        return self.optimizer.step(), grad_norm
+
+    def _full_precision_step(self) -> tuple[bool, torch.Tensor]:
+        """fp32: skip the update when the gradient norm (the same on every rank) is not finite."""
+        params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
+        if self.args.clip_grad > 0:
+            grad_norm = mpu.clip_grad_norm(params, self.args.clip_grad)
+        else:
+            grad_norm = mpu.grad_norm(params)
+        if not bool(torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, grad_norm
+        self.optimizer.step()
+        return True, grad_norm
 
     def loss_scale(self) -> float:
         return float(self.optimizer.loss_scale) if self.half else 1.0
 
     def learning_rate(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.unwrapped_model.parameters())
 
     def train(self) -> None:
         self.model.train()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 from megatron.rng import get_rng_states, set_rng_states
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -101,8 +101,38 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def check_weights_finite(backend: Any, iteration: int) -> None:
+    """Refuse to save NaN/Inf weights (agreed across ranks): good checkpoints stay the newest."""
+    bad = torch.zeros(1, device=mpu.communication_device())
+    for param in backend.parameters():
+        if param.numel() and not bool(torch.isfinite(param.detach()).all()):
+            bad.fill_(1.0)
+            break
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        raise TrainingAborted(f"weights are not finite at iteration {iteration}: checkpoint not written; "
+                              "resume from the last complete checkpoint with a lower --lr")
+
+
+def remove_stale_staging(save: str) -> None:
+    """Rank 0 deletes ``iter_*.tmp`` directories left by a killed save."""
+    for name in os.listdir(save) if os.path.isdir(save) else []:
+        if name.startswith("iter_") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(save, name), ignore_errors=True)
+
+
+def apply_retention(save: str, keep_last_n: int | None) -> None:
+    """Delete all but the newest ``keep_last_n`` complete checkpoints (never the newest)."""
+    if not keep_last_n:
+        return
+    complete = complete_iterations(save)
+    for iteration in complete[: max(len(complete) - keep_last_n, 0)]:
+        shutil.rmtree(os.path.join(save, checkpoint_tag(iteration)), ignore_errors=True)
+
+
 def save_checkpoint(args: argparse.Namespace, backend: Any, iteration: int, consumed_samples: int) -> str:
     """Write checkpoint ``iteration`` under ``args.save``; every rank calls it. Returns its directory."""
+    check_weights_finite(backend, iteration)
     tag = checkpoint_tag(iteration)
     staging_tag, final_dir = tag + ".tmp", os.path.join(args.save, tag)
     staging_dir = os.path.join(args.save, staging_tag)
@@ -121,8 +151,9 @@ def save_checkpoint(args: argparse.Namespace, backend: Any, iteration: int, cons
         os.replace(staging_dir, final_dir)
         write_text_atomic(os.path.join(final_dir, COMPLETE_MARKER), f"{iteration}\n")
         write_text_atomic(os.path.join(args.save, TRACKER_FILENAME), f"{iteration}\n")
-        if os.path.exists(os.path.join(args.save, "latest")):  # DeepSpeed's own pointer
+        if getattr(backend, "writes_deepspeed_latest", False):
             write_text_atomic(os.path.join(args.save, "latest"), tag)
+        apply_retention(args.save, args.keep_last_n)
     _barrier()
     return final_dir
 
@@ -161,17 +192,37 @@ def check_model_config(saved: dict[str, int], args: argparse.Namespace, where: s
         raise ConfigError(f"checkpoint {where} does not match this model: {'; '.join(diffs)}{hint}")
 
 
+def saved_model_parallel_size(directory: str) -> int:
+    """How many model-parallel ranks wrote ``directory`` (Megatron or DeepSpeed files)."""
+    names = os.listdir(directory)
+    megatron = [n for n in names if n.startswith("mp_rank_") and os.path.isdir(os.path.join(directory, n))]
+    deepspeed = [n for n in names if n.startswith("mp_rank_") and n.endswith("_model_states.pt")]
+    return len(megatron) or len(deepspeed)
+
+
+def check_model_parallel_size(directory: str, args: argparse.Namespace) -> None:
+    saved = saved_model_parallel_size(directory)
+    if saved and saved != args.model_parallel_size:
+        raise ConfigError(f"checkpoint {directory} was saved with model_parallel_size {saved}, this run uses "
+                          f"--model-parallel-size {args.model_parallel_size}; reshard it with "
+                          "tools/convert_checkpoint.py reshard, or launch with the saved size")
+
+
 def load_checkpoint(args: argparse.Namespace, backend: Any) -> tuple[int, int]:
     """Load the newest complete checkpoint under ``args.load``; returns (iteration, consumed_samples).
 
     Returns (0, 0) and says so when there is nothing to load.
     """
+    if dist.get_rank() == 0 and args.load:
+        remove_stale_staging(args.load)
+    _barrier()
     iteration = latest_iteration(args.load) if args.load else None
     if iteration is None:
         if mpu.get_data_parallel_rank() == 0 and dist.get_rank() == 0:
             print(f" no complete checkpoint under {args.load}: starting from scratch", flush=True)
         return 0, 0
     tag = checkpoint_tag(iteration)
+    check_model_parallel_size(os.path.join(args.load, tag), args)
     state = backend.load_state(args.load, tag, load_optimizer=not (args.no_load_optim or args.finetune))
     check_model_config(state.get("model_config", {}), args, os.path.join(args.load, tag))
     if args.finetune:

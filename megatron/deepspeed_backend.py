@@ -118,6 +118,7 @@ class DeepSpeedBackend:
     """``deepspeed.initialize`` with our model, optimizer (or the config's) and LR schedule."""
 
     name = "deepspeed"
+    writes_deepspeed_latest = True  # DeepSpeed's own tools look for <save>/latest
 
     def __init__(self, model: nn.Module, args: argparse.Namespace) -> None:
         import deepspeed
@@ -161,6 +162,10 @@ class DeepSpeedBackend:
 
     def learning_rate(self) -> float:
         return float(self.model.get_lr()[0])
+
+    def parameters(self) -> list[torch.Tensor]:
+        """This rank's share of the weights (ZeRO 3 partitions included)."""
+        return [getattr(p, "ds_tensor", p) for p in self.model.module.parameters()]
 
     def train(self) -> None:
         self.model.train()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from torch import nn
 
 from megatron.backends import average_over_data_parallel, build_backend
 from megatron.checkpointing import load_checkpoint, save_checkpoint
+from megatron.errors import ConfigError, TrainingAborted
 from megatron.flops import model_flops_per_token
 from megatron.initialize import initialize_megatron
+from megatron.signals import ExitConditions
 from megatron.timers import Timers, memory_report
 
 ForwardStepFunc = Callable[[Iterator | None, nn.Module, argparse.Namespace], torch.Tensor]
@@ -47,6 +50,8 @@ class TrainState:
     interval_loss: torch.Tensor | None = None
     interval_iterations: int = 0
     interval_skipped: int = 0
+    consecutive_skipped: int = 0
+    stopped_early: bool = False
     last_grad_norm: float | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
@@ -87,7 +92,8 @@ def build_tensorboard_writer(args: argparse.Namespace) -> Any:
 
 def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed: float) -> str:
     iterations = max(state.interval_iterations, 1)
-    loss = (state.interval_loss / iterations).item()
+    applied = state.interval_iterations - state.interval_skipped
+    loss = (state.interval_loss / applied).item() if state.interval_loss is not None else float("nan")
     ms_per_iter = elapsed * 1000.0 / iterations
     tokens_per_s = global_batch_size(args) * args.seq_length / max(elapsed / iterations, 1e-9)
     flops = model_flops_per_token(args.num_layers, args.hidden_size, args.seq_length, args.padded_vocab_size)
@@ -145,38 +151,81 @@ def evaluate_and_print_results(prefix: str, forward_step: ForwardStepFunc, data_
     return loss
 
 
+def _inject_nan_iterations() -> set[int]:
+    """Test-only hook: MEGATRON_TEST_INJECT_NAN="3,4" or "5-" makes those iterations' loss NaN."""
+    spec = os.environ.get("MEGATRON_TEST_INJECT_NAN", "")
+    iterations: set[int] = set()
+    for part in filter(None, spec.split(",")):
+        if part.endswith("-"):
+            iterations.update(range(int(part[:-1]), 10**7))
+        else:
+            iterations.add(int(part))
+    return iterations
+
+
+def _record_step(state: TrainState, result: Any, args: argparse.Namespace) -> None:
+    state.iteration += 1
+    state.consumed_samples += global_batch_size(args)
+    state.interval_iterations += 1
+    state.last_grad_norm = result.grad_norm
+    if result.skipped:
+        state.interval_skipped += 1
+        state.skipped_iterations += 1
+        state.consecutive_skipped += 1
+        return
+    state.consecutive_skipped = 0
+    state.interval_loss = result.loss if state.interval_loss is None else state.interval_loss + result.loss
+
+
+def _check_skips(state: TrainState, args: argparse.Namespace) -> None:
+    """Persistent non-finite values stop the run (fp16 overflow is the loss scaler's business)."""
+    if not args.fp16 and state.consecutive_skipped >= args.max_skipped_steps:
+        raise TrainingAborted(
+            f"{state.consecutive_skipped} consecutive iterations (up to {state.iteration}) had a non-finite "
+            f"loss or gradient norm and were skipped (--max-skipped-steps {args.max_skipped_steps}); "
+            "no checkpoint was written with them: lower --lr, check the data, or resume from the last checkpoint")
+
+
+def _log_interval(args: argparse.Namespace, state: TrainState, backend: Any, writer: Any,
+                  timers: Timers, elapsed: float) -> None:
+    print_rank_0(_log_line(args, state, backend, elapsed))
+    _write_scalars(writer, state, backend)
+    if args.log_timers:
+        print_rank_0(timers.log_string(["step"], normalizer=state.interval_iterations))
+    if state.iteration == args.log_interval:
+        print_rank_0(memory_report(f"after {state.iteration} iterations"))
+    state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, 0
+
+
 def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator | None,
           valid_iterator: Iterator | None, args: argparse.Namespace, state: TrainState) -> TrainState:
     timers = Timers(synchronize=args.log_timers)
     writer = build_tensorboard_writer(args)
+    exits = ExitConditions(args)
+    nan_iterations = _inject_nan_iterations()
     backend.train()
     interval_start = time.perf_counter()
     while state.iteration < args.train_iters:
+        poison = float("nan") if state.iteration + 1 in nan_iterations else 1.0
         timers("step").start()
-        result = backend.train_step(lambda: forward_step(train_iterator, backend.model, args),
-                                    args.gradient_accumulation_steps)
+        result = backend.train_step(
+            lambda poison=poison: forward_step(train_iterator, backend.model, args) * poison,
+            args.gradient_accumulation_steps)
         timers("step").stop()
-        state.iteration += 1
-        state.consumed_samples += global_batch_size(args)
-        loss = result.loss
-        state.interval_loss = loss if state.interval_loss is None else state.interval_loss + loss
-        state.interval_iterations += 1
-        state.interval_skipped += int(result.skipped)
-        state.skipped_iterations += int(result.skipped)
-        state.last_grad_norm = result.grad_norm
+        _record_step(state, result, args)
+        _check_skips(state, args)
         if state.iteration % args.log_interval == 0:
-            elapsed = time.perf_counter() - interval_start
-            print_rank_0(_log_line(args, state, backend, elapsed))
-            _write_scalars(writer, state, backend)
-            if args.log_timers:
-                print_rank_0(timers.log_string(["step"], normalizer=state.interval_iterations))
-            if state.iteration == args.log_interval:
-                print_rank_0(memory_report(f"after {state.iteration} iterations"))
-            state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, 0
+            _log_interval(args, state, backend, writer, timers, time.perf_counter() - interval_start)
             interval_start = time.perf_counter()
-        if args.save and state.iteration % args.save_interval == 0:
+        stop = exits.should_exit(state.iteration)
+        if args.save and (state.iteration % args.save_interval == 0 or stop):
             save_checkpoint(args, backend, state.iteration, state.consumed_samples)
             interval_start = time.perf_counter()
+        if stop:
+            print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
+                         + (", checkpoint saved" if args.save else ""))
+            state.stopped_early = True
+            break
         if args.do_valid and state.iteration % args.eval_interval == 0:
             evaluate_and_print_results(f"iteration {state.iteration}", forward_step, valid_iterator,
                                        backend, args, writer, state.iteration)
@@ -207,6 +256,8 @@ def pretrain(args: argparse.Namespace, model_provider: Callable[[argparse.Namesp
     train_iterator, valid_iterator, test_iterator = data_provider(args, state.consumed_samples)
     if state.iteration < args.train_iters:
         state = train(forward_step, backend, train_iterator, valid_iterator, args, state)
+        if state.stopped_early:
+            return state
         if args.save and state.iteration % args.save_interval != 0:
             save_checkpoint(args, backend, state.iteration, state.consumed_samples)
     if args.do_valid:
@@ -216,3 +267,48 @@ def pretrain(args: argparse.Namespace, model_provider: Callable[[argparse.Namesp
         evaluate_and_print_results("the end of training for test data", forward_step, test_iterator,
                                    backend, args)
     return state
+
+
+def _is_user_error(error: BaseException) -> bool:
+    # Data and tokenizer errors subclass ConfigError; plain ValueErrors come from argument
+    # validation helpers (--split, --data-path weights, ...).
+    return isinstance(error, ConfigError) or type(error) is ValueError
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                      "timed out", "Timed out", "NCCL", "gloo"))
+
+
+def run_entry_point(run: Callable[[], None]) -> int:
+    """Run a training entry point; user errors and aborts become one line on stderr.
+
+    Exit status: 0 done, 2 bad input (nothing was written), 1 training aborted or a collective
+    failed (most likely another rank died: its log has the cause).
+    """
+    rank = os.environ.get("RANK", "0")
+    prefix = "error" if rank == "0" else f"error (rank {rank})"
+    try:
+        run()
+        return 0
+    except TrainingAborted as error:
+        print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as error:  # noqa: BLE001 - sorted below, anything else re-raised
+        if _is_user_error(error):
+            print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+            return 2
+        if _is_collective_failure(error):
+            print(f"{prefix}: a collective operation failed ({type(error).__name__}: {str(error)[:200]}); "
+                  "another rank most likely died or hung: check the other ranks' logs", file=sys.stderr,
+                  flush=True)
+            return 1
+        raise
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the group may be broken after a failure
+                pass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from megatron.errors import ConfigError
 
-class DataError(ValueError):
+
+class DataError(ConfigError):
     """Input data the pipeline cannot use (raised before training starts)."""
 
 

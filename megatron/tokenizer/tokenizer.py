@@ -15,12 +15,13 @@ from collections.abc import Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from megatron.errors import ConfigError
 from megatron.tokenizer.pretokenize import gpt2_split_pattern
 
 EOD_TOKEN = "<|endoftext|>"
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(ConfigError):
     """The vocab/merges files are missing, malformed, or do not belong together."""
 
 
