@@ -42,7 +42,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _check_files(args: argparse.Namespace) -> None:
-    for flag, path in (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file)):
+    files = (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file))
+    if getattr(args, "tokenizer_type", "GPT2BPETokenizer") != "GPT2BPETokenizer":
+        files = files[:1]  # WordPiece: one vocab.txt, no merges
+    for flag, path in files:
         if not path:
             raise ValueError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}; use "
                              "GPT-2's files or data/demo/gpt2-vocab.json + gpt2-merges.txt from "

@@ -10,11 +10,12 @@ from megatron.tokenizer.tokenizer import (
     GPT2BPETokenizer,
     TokenizerFileError,
 )
+from megatron.tokenizer.wordpiece import WORDPIECE_TYPES, WordPieceTokenizer
 
-TOKENIZER_TYPES = ("GPT2BPETokenizer",)
+TOKENIZER_TYPES = ("GPT2BPETokenizer", *WORDPIECE_TYPES)
 
 __all__ = ["EOD_TOKEN", "TOKENIZER_TYPES", "AbstractTokenizer", "GPT2BPETokenizer",
-           "TokenizerFileError", "build_tokenizer"]
+           "TokenizerFileError", "WordPieceTokenizer", "build_tokenizer"]
 
 
 def build_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
@@ -23,6 +24,11 @@ def build_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
     Raises ``ValueError`` (``TokenizerFileError``) when the files are missing or mismatched.
     """
     tokenizer_type = getattr(args, "tokenizer_type", "GPT2BPETokenizer")
+    if tokenizer_type in WORDPIECE_TYPES:
+        if not args.vocab_file:
+            raise ValueError(f"{tokenizer_type} needs --vocab-file (a BERT vocab.txt; "
+                             "`python tools/train_wordpiece.py` trains one)")
+        return WordPieceTokenizer(args.vocab_file, lowercase=WORDPIECE_TYPES[tokenizer_type])
     if tokenizer_type != "GPT2BPETokenizer":
         raise ValueError(f"--tokenizer-type {tokenizer_type} is not supported; "
                          f"choose one of {', '.join(TOKENIZER_TYPES)}")
