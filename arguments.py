@@ -30,6 +30,10 @@ def add_model_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     group.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probabilities")
     group.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal initialisation")
     group.add_argument("--model-parallel-size", type=int, default=1, help="tensor model-parallel size")
+    group.add_argument("--pipe-parallel-size", type=int, default=1,
+                       help="pipeline stages (DeepSpeed's pipeline engine; needs --deepspeed)")
+    group.add_argument("--pipe-partition-method", default="parameters",
+                       help="how layers are split across stages: parameters, uniform, or type:transformer")
     return parser
 
 
@@ -57,6 +61,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--checkpoint-activations", action="store_true", help="recompute activations in backward")
     group.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
     group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="peak TFLOP/s per device for the logged MFU (default: GPU table, or a matmul measured on CPU)")
     group.add_argument("--seed", type=int, default=1234, help="random seed")
     group.add_argument("--lr", type=float, default=1.5e-4, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=0.0, help="learning rate floor of the decay")
@@ -159,7 +165,8 @@ def _require_positive(args: argparse.Namespace, names: list[str]) -> None:
 
 def validate_model_args(args: argparse.Namespace) -> None:
     _require_positive(args, ["num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                             "seq_length", "model_parallel_size", "make_vocab_size_divisible_by"])
+                             "seq_length", "model_parallel_size", "make_vocab_size_divisible_by",
+                             "pipe_parallel_size"])
     if args.hidden_size % args.num_attention_heads:
         raise ConfigError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
                           f"({args.num_attention_heads})")
@@ -209,6 +216,28 @@ def check_writable(directory: str) -> None:
                           "pick a directory you can write to") from None
 
 
+def validate_pipeline_args(args: argparse.Namespace) -> None:
+    if args.pipe_parallel_size == 1:
+        return
+    if not args.deepspeed:
+        raise ConfigError(f"--pipe-parallel-size {args.pipe_parallel_size} needs --deepspeed (DeepSpeed's pipeline "
+                          "engine runs the stages)")
+    if args.num_layers < args.pipe_parallel_size:
+        raise ConfigError(f"--num-layers ({args.num_layers}) is fewer than --pipe-parallel-size "
+                          f"({args.pipe_parallel_size}) stages; use fewer stages")
+    if args.pipe_partition_method not in ("parameters", "uniform") and not args.pipe_partition_method.startswith("type:"):
+        raise ConfigError(f"--pipe-partition-method {args.pipe_partition_method!r} is not parameters, uniform or "
+                          "type:<layer class regex> (e.g. type:transformer)")
+    unsupported = [flag for flag, on in (("--reset-position-ids", args.reset_position_ids),
+                                         ("--reset-attention-mask", args.reset_attention_mask)) if on]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} are not supported with --pipe-parallel-size > 1")
+    stage = args.deepspeed_config_dict.get("zero_optimization", {}).get("stage", 0)
+    if stage >= 2:
+        raise ConfigError(f"ZeRO stage {stage} ({args.deepspeed_config}) cannot be combined with pipeline "
+                          f"parallelism (--pipe-parallel-size {args.pipe_parallel_size}); use ZeRO stage 0 or 1")
+
+
 def validate_deepspeed_args(args: argparse.Namespace) -> None:
     if not args.deepspeed:
         ignored = [flag for flag, on in (("--deepspeed-activation-checkpointing", args.deepspeed_activation_checkpointing),
@@ -236,6 +265,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     validate_model_args(args)
     validate_training_args(args)
     validate_deepspeed_args(args)
+    validate_pipeline_args(args)
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
     if args.eval_batch_size is None:

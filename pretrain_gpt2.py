@@ -19,12 +19,22 @@ from megatron import mpu
 from megatron.data import build_data_loader, build_train_valid_test_datasets
 from megatron.data.demo import ensure_demo_corpus
 from megatron.model import GPT2Model
+from megatron.model.gpt2_pipe import PipelineDescription, gpt2_pipeline_description
 from megatron.tokenizer import build_tokenizer
 from megatron.training import global_batch_size, pretrain, print_rank_0, run_entry_point
 
 
-def model_provider(args: argparse.Namespace) -> GPT2Model:
+def model_provider(args: argparse.Namespace) -> GPT2Model | PipelineDescription:
     print_rank_0(" building GPT2 model ...")
+    if args.pipe_parallel_size > 1:
+        description = gpt2_pipeline_description(
+            num_layers=args.num_layers, vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads, embedding_dropout_prob=args.hidden_dropout,
+            attention_dropout_prob=args.attention_dropout, output_dropout_prob=args.hidden_dropout,
+            max_sequence_length=args.max_position_embeddings, true_vocab_size=args.vocab_size,
+            init_method_std=args.init_method_std)
+        description.extras["batch_fn"] = get_batch_pipe
+        return description
     model = GPT2Model(num_layers=args.num_layers, vocab_size=args.padded_vocab_size,
                       hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                       embedding_dropout_prob=args.hidden_dropout, attention_dropout_prob=args.attention_dropout,
@@ -71,6 +81,12 @@ def get_batch(data_iterator: Iterator | None, args: argparse.Namespace) -> tuple
     attention_mask, loss_mask, position_ids = get_masks_and_position_ids(
         tokens, args.eod_token, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
     return tokens, labels, loss_mask, attention_mask, position_ids
+
+
+def get_batch_pipe(data_iterator: Iterator | None, args: argparse.Namespace) -> tuple[Any, Any]:
+    """A micro batch for the pipeline engine: ``(tokens, (labels, loss_mask))``."""
+    tokens, labels, loss_mask, _, _ = get_batch(data_iterator, args)
+    return tokens, (labels, loss_mask)
 
 
 def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:

@@ -44,9 +44,18 @@ def _param_dtype(args: argparse.Namespace) -> torch.dtype:
     return {"fp16": torch.half, "bf16": torch.bfloat16}.get(args.params_dtype, torch.float32)
 
 
+def fused_adamw_available(device: torch.device) -> bool:
+    """Whether this torch has a fused (one kernel per step) AdamW for ``device`` (CUDA; CPU since 2.4)."""
+    try:
+        torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
 def build_optimizer(param_groups: list[dict], args: argparse.Namespace) -> torch.optim.Optimizer:
-    """AdamW with decay off for biases and LayerNorm (groups from the model)."""
-    fused = args.device.type == "cuda"
+    """AdamW with decay off for biases and LayerNorm (groups from the model), fused where torch has it."""
+    fused = fused_adamw_available(args.device)
     return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=fused)
 
@@ -77,7 +86,8 @@ class MegatronBackend:
         self.unwrapped_model = model
         param_groups = gpt2_get_params_for_weight_decay_optimization(model)
         if args.params_dtype != "fp32":
-            model = FP16_Module(model, dtype=_param_dtype(args))
+            # Half logits go straight to the loss (mpu.vocab_parallel_cross_entropy reads them in fp32).
+            model = FP16_Module(model, dtype=_param_dtype(args), cast_outputs=False)
         self.model = DistributedDataParallel(model)
         optimizer = build_optimizer(param_groups, args)
         if args.fp16:
@@ -96,7 +106,7 @@ class MegatronBackend:
     def half(self) -> bool:
         return isinstance(self.optimizer, FP16_Optimizer)
 
-    def train_step(self, forward_step: ForwardStep, num_micro_batches: int) -> StepResult:
+    def train_step(self, forward_step: ForwardStep, num_micro_batches: int, data_iterator: Any = None) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.args.device)
         for _ in range(num_micro_batches):
@@ -146,6 +156,9 @@ class MegatronBackend:
     def parameters(self) -> list[torch.Tensor]:
         return list(self.unwrapped_model.parameters())
 
+    def eval_loss(self, forward_step: Callable[..., torch.Tensor], data_iterator: Any) -> torch.Tensor:
+        return forward_step(data_iterator, self.model, self.args)
+
     def train(self) -> None:
         self.model.train()
 
@@ -177,8 +190,13 @@ class MegatronBackend:
         return state
 
 
-def build_backend(model: nn.Module, args: argparse.Namespace) -> Any:
-    """The Megatron backend, or with ``--deepspeed`` the DeepSpeed one."""
+def build_backend(model: Any, args: argparse.Namespace) -> Any:
+    """The Megatron backend, or with ``--deepspeed`` the DeepSpeed one (pipelined when
+    ``model`` is a ``PipelineDescription``)."""
+    if args.pipe_parallel_size > 1:
+        from megatron.deepspeed_pipeline import PipelineBackend
+
+        return PipelineBackend(model, args)
     if args.deepspeed:
         from megatron.deepspeed_backend import DeepSpeedBackend
 

@@ -158,9 +158,12 @@ def find_iteration(load: str, iteration: int | None = None) -> int:
 
 
 def checkpoint_kind(directory: str) -> str:
-    """``megatron`` (mp_rank_XX/ folders) or ``deepspeed`` (``*_model_states.pt`` files)."""
+    """``megatron`` (mp_rank_XX/ folders), ``deepspeed-pipeline`` (``layer_XX-model_YY`` files) or
+    ``deepspeed`` (``*_model_states.pt`` files)."""
     if os.path.isdir(os.path.join(directory, "mp_rank_00")):
         return "megatron"
+    if glob.glob(os.path.join(directory, "layer_00-model_00-model_states.pt")):
+        return "deepspeed-pipeline"
     if glob.glob(os.path.join(directory, "*mp_rank_00_model_states.pt")):
         return "deepspeed"
     raise ConfigError(f"{directory} holds neither Megatron (mp_rank_00/model_optim_rng.pt) nor DeepSpeed "
@@ -181,6 +184,8 @@ def read_checkpoint(load: str, iteration: int | None = None, with_optimizer: boo
     iteration = find_iteration(load, iteration)
     directory = os.path.join(load, checkpoint_tag(iteration))
     kind = checkpoint_kind(directory)
+    if kind == "deepspeed-pipeline":
+        return _read_pipeline_checkpoint(directory)
     mp_size = _source_mp_size(directory, kind)
     if kind == "megatron":
         shards = [read_megatron_file(megatron_checkpoint_name(load, checkpoint_tag(iteration), rank))
@@ -209,6 +214,41 @@ def _from_shards(shards: list[dict[str, Any]], models: list[StateDict], kind: st
                       consumed_samples=int(shards[0].get("consumed_samples", 0)), kind=kind,
                       lr_scheduler=scheduler if kind == "megatron" else None,
                       rng_states=[s["rng_states"] for s in shards if "rng_states" in s] or None)
+
+
+def pipeline_layer_name(layer: int, num_layers: int, name: str) -> str | None:
+    """Our serial name of parameter ``name`` of pipeline block ``layer`` (see model/gpt2_pipe.py):
+    0 the embedding, 1..L the transformer layers, L + 1 the final LayerNorm; the tied output copy
+    (L + 2) saves no file of its own."""
+    if layer == 0:
+        return name
+    if layer <= num_layers:
+        return f"transformer.layers.{layer - 1}.{name}"
+    if layer == num_layers + 1:
+        return f"transformer.final_layernorm.{name}"
+    return None
+
+
+def _read_pipeline_checkpoint(directory: str) -> Checkpoint:
+    """A DeepSpeed pipeline checkpoint: weights in per-block, per-tensor-rank files; the client
+    state of stage 0's tensor ranks in ``mp_rank_XX_model_states.pt`` (DeepSpeed numbers the
+    stage-major ranks, so stage 0 holds the first ``model_parallel_size``)."""
+    first = _read_deepspeed_file(directory, 0)
+    config = first.get("model_config", {})
+    mp_size, num_layers = int(config.get("model_parallel_size", 1)), int(config.get("num_layers", 0))
+    shards = [first] + [_read_deepspeed_file(directory, rank) for rank in range(1, mp_size)]
+    models: list[StateDict] = [{} for _ in range(mp_size)]
+    for path in sorted(glob.glob(os.path.join(directory, "layer_*-model_*-model_states.pt"))):
+        match = re.search(r"layer_(\d+)-model_(\d+)-model_states\.pt$", path)
+        layer, rank = int(match.group(1)), int(match.group(2))
+        weights = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's file: trusted input
+        for name, tensor in weights.items():
+            ours = pipeline_layer_name(layer, num_layers, name)
+            if ours is not None:
+                models[rank][ours] = tensor
+    checkpoint = _from_shards(shards, models, "deepspeed")
+    checkpoint.notes.append("DeepSpeed pipeline checkpoint: optimizer state not converted")
+    return checkpoint
 
 
 def _read_deepspeed_file(directory: str, mp_rank: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron import mpu
 from megatron.errors import ConfigError, TrainingAborted
-from megatron.rng import get_rng_states, set_rng_states
+from megatron.rng import get_rng_states
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = "complete"
@@ -47,6 +47,7 @@ def model_config(args: argparse.Namespace) -> dict[str, int]:
         "max_position_embeddings": args.max_position_embeddings,
         "padded_vocab_size": args.padded_vocab_size,
         "model_parallel_size": args.model_parallel_size,
+        "pipe_parallel_size": args.pipe_parallel_size,
     }
 
 
@@ -184,6 +185,7 @@ def latest_iteration(load_dir: str) -> int | None:
 
 def check_model_config(saved: dict[str, int], args: argparse.Namespace, where: str) -> None:
     current = model_config(args)
+    saved = {"pipe_parallel_size": 1, **saved}  # checkpoints from before pipelining existed
     diffs = [f"{key}: checkpoint {saved.get(key)} vs run {value}" for key, value in current.items()
              if saved.get(key) != value]
     if diffs:
@@ -202,16 +204,21 @@ def saved_model_parallel_size(directory: str) -> int:
 
 def check_model_parallel_size(directory: str, args: argparse.Namespace) -> None:
     saved = saved_model_parallel_size(directory)
+    if args.pipe_parallel_size > 1:
+        return  # DeepSpeed numbers pipeline x tensor ranks together; model_config is checked instead
     if saved and saved != args.model_parallel_size:
         raise ConfigError(f"checkpoint {directory} was saved with model_parallel_size {saved}, this run uses "
                           f"--model-parallel-size {args.model_parallel_size}; reshard it with "
                           "tools/convert_checkpoint.py reshard, or launch with the saved size")
 
 
-def load_checkpoint(args: argparse.Namespace, backend: Any) -> tuple[int, int]:
-    """Load the newest complete checkpoint under ``args.load``; returns (iteration, consumed_samples).
+def load_checkpoint(args: argparse.Namespace, backend: Any) -> tuple[int, int, dict[str, Any] | None]:
+    """Load the newest complete checkpoint under ``args.load``.
 
-    Returns (0, 0) and says so when there is nothing to load.
+    Returns (iteration, consumed_samples, RNG states). The caller restores the RNG states with
+    ``megatron.rng.set_rng_states`` just before the first step, after everything that may still
+    draw from the generators during start-up. Returns (0, 0, None) and says so when there is
+    nothing to load.
     """
     if dist.get_rank() == 0 and args.load:
         remove_stale_staging(args.load)
@@ -220,18 +227,17 @@ def load_checkpoint(args: argparse.Namespace, backend: Any) -> tuple[int, int]:
     if iteration is None:
         if mpu.get_data_parallel_rank() == 0 and dist.get_rank() == 0:
             print(f" no complete checkpoint under {args.load}: starting from scratch", flush=True)
-        return 0, 0
+        return 0, 0, None
     tag = checkpoint_tag(iteration)
     check_model_parallel_size(os.path.join(args.load, tag), args)
     state = backend.load_state(args.load, tag, load_optimizer=not (args.no_load_optim or args.finetune))
     check_model_config(state.get("model_config", {}), args, os.path.join(args.load, tag))
     if args.finetune:
-        return 0, 0
-    if not args.no_load_rng and "rng_states" in state:
-        set_rng_states(state["rng_states"])
+        return 0, 0, None
+    rng_states = None if args.no_load_rng else state.get("rng_states")
     if dist.get_rank() == 0:
         print(f" loaded checkpoint {os.path.join(args.load, tag)} at iteration {state['iteration']}", flush=True)
-    return int(state["iteration"]), int(state.get("consumed_samples", 0))
+    return int(state["iteration"]), int(state.get("consumed_samples", 0)), rng_states
 
 
 def read_megatron_file(path: str) -> dict[str, Any]:

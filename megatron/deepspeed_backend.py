@@ -11,6 +11,7 @@ import argparse
 import copy
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,13 +97,19 @@ def build_deepspeed_config(args: argparse.Namespace) -> dict[str, Any]:
     return config
 
 
-def configure_activation_checkpointing(args: argparse.Namespace, config: dict[str, Any]) -> None:
-    """Route ``mpu.checkpoint`` and the RNG tracker through DeepSpeed's activation checkpointing."""
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed wrap the existing process group (before anything of it communicates)."""
     import deepspeed
     import torch.distributed as dist
 
-    # Wraps the existing process group (deepspeed.initialize would do it later).
     deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+
+def configure_activation_checkpointing(args: argparse.Namespace, config: dict[str, Any]) -> None:
+    """Route ``mpu.checkpoint`` and the RNG tracker through DeepSpeed's activation checkpointing."""
+    import deepspeed
+
+    init_deepspeed_comm()
     deepspeed.checkpointing.configure(
         mpu, deepspeed_config=None, partition_activations=args.partition_activations,
         contiguous_checkpointing=args.contigious_checkpointing, num_checkpoints=args.num_layers,
@@ -121,13 +128,17 @@ class DeepSpeedBackend:
     writes_deepspeed_latest = True  # DeepSpeed's own tools look for <save>/latest
 
     def __init__(self, model: nn.Module, args: argparse.Namespace) -> None:
+        self.args = args
+        self.config = build_deepspeed_config(args)
+        if args.deepspeed_activation_checkpointing:
+            configure_activation_checkpointing(args, self.config)
+        self.unwrapped_model = model
+        self._initialize(model, mpu)
+
+    def _initialize(self, model: nn.Module, model_parallel_unit: Any) -> None:
         import deepspeed
 
-        self.args = args
-        config = build_deepspeed_config(args)
-        self.config = config
-        if args.deepspeed_activation_checkpointing:
-            configure_activation_checkpointing(args, config)
+        args, config = self.args, self.config
         param_groups = gpt2_get_params_for_weight_decay_optimization(model)
         ds_args = copy.copy(args)
         ds_args.deepspeed_config = None  # the resolved config is passed below
@@ -137,11 +148,10 @@ class DeepSpeedBackend:
             optimizer, model_parameters = build_optimizer(param_groups, args), None
         self.model, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=model_parameters, args=ds_args,
-            lr_scheduler=lambda opt: build_lr_scheduler(opt, args), mpu=mpu, dist_init_required=False,
-            config=config)
-        self.unwrapped_model = model
+            lr_scheduler=lambda opt: build_lr_scheduler(opt, args), mpu=model_parallel_unit,
+            dist_init_required=False, config=config)
 
-    def train_step(self, forward_step: ForwardStep, num_micro_batches: int) -> StepResult:
+    def train_step(self, forward_step: ForwardStep, num_micro_batches: int, data_iterator: Any = None) -> StepResult:
         total = torch.zeros((), device=self.args.device)
         for _ in range(num_micro_batches):
             loss = forward_step()
@@ -177,9 +187,12 @@ class DeepSpeedBackend:
         """Every rank calls the engine's ``save_checkpoint`` (ZeRO shards are per rank)."""
         self.model.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
 
+    def eval_loss(self, forward_step: Callable[..., torch.Tensor], data_iterator: Any) -> torch.Tensor:
+        return forward_step(data_iterator, self.model, self.args)
+
     def load_state(self, root: str, tag: str, load_optimizer: bool) -> dict[str, Any]:
         directory = os.path.join(root, tag)
-        model_file = os.path.join(directory, f"mp_rank_{mpu.get_model_parallel_rank():02d}_model_states.pt")
+        model_file = self.model._get_ckpt_name(root, tag)  # this rank's file, whatever the mode
         if not os.path.isfile(model_file):
             if os.path.isdir(os.path.join(directory, "mp_rank_00")):
                 raise ConfigError(f"{directory} is a Megatron (non-DeepSpeed) checkpoint: drop --deepspeed to "

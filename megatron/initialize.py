@@ -102,9 +102,11 @@ def set_random_seed(seed: int) -> None:
 def initialize_megatron(args: argparse.Namespace) -> None:
     """Distributed start-up, model-parallel groups and seeds; every rank calls it."""
     initialize_distributed(args)
-    if args.world_size % args.model_parallel_size:
+    per_replica = args.model_parallel_size * args.pipe_parallel_size
+    if args.world_size % per_replica:
+        pipe = f" x --pipe-parallel-size ({args.pipe_parallel_size})" if args.pipe_parallel_size > 1 else ""
         raise ConfigError(f"world size ({args.world_size}) is not divisible by --model-parallel-size "
-                          f"({args.model_parallel_size}); launch a multiple of {args.model_parallel_size} processes")
-    mpu.initialize_model_parallel(args.model_parallel_size)
+                          f"({args.model_parallel_size}){pipe}; launch a multiple of {per_replica} processes")
+    mpu.initialize_model_parallel(args.model_parallel_size, args.pipe_parallel_size)
     args.data_parallel_size = mpu.get_data_parallel_world_size()
     set_random_seed(args.seed)

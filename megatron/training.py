@@ -25,8 +25,9 @@ from torch import nn
 from megatron.backends import average_over_data_parallel, build_backend
 from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.errors import ConfigError, TrainingAborted
-from megatron.flops import model_flops_per_token
+from megatron.flops import model_flops_per_token, training_peak_tflops, utilization
 from megatron.initialize import initialize_megatron
+from megatron.rng import set_rng_states
 from megatron.signals import ExitConditions
 from megatron.timers import Timers, memory_report
 
@@ -98,6 +99,7 @@ def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed
     tokens_per_s = global_batch_size(args) * args.seq_length / max(elapsed / iterations, 1e-9)
     flops = model_flops_per_token(args.num_layers, args.hidden_size, args.seq_length, args.padded_vocab_size)
     tflops_per_device = tokens_per_s * flops / args.world_size / 1e12
+    mfu = utilization(tokens_per_s, flops, args.world_size, state.extras.get("peak_tflops"))
     grad_norm = "n/a" if state.last_grad_norm is None else f"{state.last_grad_norm:.3E}"
     state.extras.update(loss=loss, tokens_per_s=tokens_per_s, tflops=tflops_per_device)
     return (f" iteration {state.iteration:8d}/{args.train_iters:8d} |"
@@ -108,7 +110,8 @@ def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed
             f" grad norm {grad_norm} |"
             f" number of skipped iterations {state.interval_skipped:3d} |"
             f" tokens/s {tokens_per_s:.1f} |"
-            f" TFLOP/s per device {tflops_per_device:.3f} |")
+            f" TFLOP/s per device {tflops_per_device:.3f} |"
+            f" MFU {'n/a' if mfu is None else f'{mfu:.2%}'} |")
 
 
 def _write_scalars(writer: Any, state: TrainState, backend: Any) -> None:
@@ -132,7 +135,7 @@ def evaluate(forward_step: ForwardStepFunc, data_iterator: Iterator | None, back
     total = torch.zeros((), device=args.device)
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            total += forward_step(data_iterator, backend.model, args).detach().float()
+            total += backend.eval_loss(forward_step, data_iterator).detach().float()
     backend.train()
     return average_over_data_parallel(total / max(args.eval_iters, 1)).item()
 
@@ -203,6 +206,9 @@ def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator 
     writer = build_tensorboard_writer(args)
     exits = ExitConditions(args)
     nan_iterations = _inject_nan_iterations()
+    peak, source = training_peak_tflops(args)  # once, before the timed loop (~0.2 s on CPU)
+    state.extras["peak_tflops"] = peak
+    print_rank_0(f" > peak TFLOP/s per device for MFU: {peak:.3f} ({source}, {args.params_dtype})")
     backend.train()
     interval_start = time.perf_counter()
     while state.iteration < args.train_iters:
@@ -210,7 +216,7 @@ def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator 
         timers("step").start()
         result = backend.train_step(
             lambda poison=poison: forward_step(train_iterator, backend.model, args) * poison,
-            args.gradient_accumulation_steps)
+            args.gradient_accumulation_steps, train_iterator)
         timers("step").stop()
         _record_step(state, result, args)
         _check_skips(state, args)
@@ -247,13 +253,17 @@ def pretrain(args: argparse.Namespace, model_provider: Callable[[argparse.Namesp
     record_experiment(args)
     model = model_provider(args)
     backend = build_backend(model, args)
-    state = TrainState()
+    state, rng_states = TrainState(), None
     if args.load:
-        state.iteration, state.consumed_samples = load_checkpoint(args, backend)
+        state.iteration, state.consumed_samples, rng_states = load_checkpoint(args, backend)
     print_rank_0(f" > training with {args.world_size} ranks: model parallel {args.model_parallel_size}, "
                  f"data parallel {args.data_parallel_size}, global batch {global_batch_size(args)}, "
                  f"backend {backend.name}")
     train_iterator, valid_iterator, test_iterator = data_provider(args, state.consumed_samples)
+    if rng_states is not None:
+        # Start-up (data loaders, DeepSpeed's pipeline engine) may draw from the generators:
+        # restore the saved streams last, so the next step draws what it drew in the saved run.
+        set_rng_states(rng_states)
     if state.iteration < args.train_iters:
         state = train(forward_step, backend, train_iterator, valid_iterator, args, state)
         if state.stopped_early:

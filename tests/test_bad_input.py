@@ -90,6 +90,10 @@ CASES = {
                                  "none.json' does not exist", 1),
     "malformed deepspeed config": (lambda w: ["--deepspeed", "--deepspeed_config", str(w["root"] / "bad.json")],
                                    "is not valid JSON", 1),
+    "zero 2 with pipeline parallelism": (lambda w: ["--pipe-parallel-size", "2"]
+                                         + _ds(w["root"], {"zero_optimization": {"stage": 2}}),
+                                         "ZeRO stage 2", 1),
+    "pipeline without deepspeed": (lambda w: ["--pipe-parallel-size", "2"], "needs --deepspeed", 1),
     "sequence above positions": (lambda w: ["--seq-length", "64"],
                                  "--seq-length (64) exceeds --max-position-embeddings (32)", 1),
     "missing vocabulary": (lambda w: ["--vocab-file", str(w["root"] / "vocab.json")], "vocab.json does not exist", 1),

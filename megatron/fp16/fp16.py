@@ -66,18 +66,24 @@ class FP16_Module(nn.Module):
     ``dtype`` and ``dtype`` tensors among the outputs back to fp32; integer tensors pass through.
     ``state_dict``/``load_state_dict`` are the wrapped module's (no ``module.`` prefix), as in
     Megatron, so checkpoints load into the unwrapped model too.
+
+    ``cast_outputs=False`` returns the outputs in ``dtype``: for a loss that reads half logits
+    itself in fp32 (``mpu.vocab_parallel_cross_entropy``), which then costs no fp32 copy of the
+    logits (the largest activation of GPT-2) and no cast of their gradient back.
     """
 
-    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.half) -> None:
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.half, cast_outputs: bool = True) -> None:
         _check_half_dtype(dtype)
         super().__init__()
         self.dtype = dtype
+        self.cast_outputs = cast_outputs
         self.module = module.to(dtype)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         inputs = _cast_floats(inputs, torch.float32, self.dtype)
         kwargs = _cast_floats(kwargs, torch.float32, self.dtype)
-        return _cast_floats(self.module(*inputs, **kwargs), self.dtype, torch.float32)
+        outputs = self.module(*inputs, **kwargs)
+        return _cast_floats(outputs, self.dtype, torch.float32) if self.cast_outputs else outputs
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return self.module.state_dict(*args, **kwargs)
@@ -209,16 +215,25 @@ class FP16_Optimizer:
         self.overflow = self.loss_scaler.has_overflow(self.model_params)
         if self.overflow:
             return
+        self._copy_model_grads_to_masters()
+        grads = [param.grad for param in self._optimized_params() if param.grad is not None]
+        if grads and self.loss_scale != 1.0:
+            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+
+    @torch.no_grad()
+    def _copy_model_grads_to_masters(self) -> None:
+        """Widen the half grads into the masters' grads: one ``_foreach_copy_`` where both exist."""
+        into, widened = [], []
         for model, master in zip(self.half_params, self.master_params):
             if model.grad is None:
                 master.grad = None
             elif master.grad is None:
                 master.grad = model.grad.detach().to(torch.float32, copy=True)
             else:
-                master.grad.copy_(model.grad)
-        grads = [param.grad for param in self._optimized_params() if param.grad is not None]
-        if grads and self.loss_scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+                into.append(master.grad)
+                widened.append(model.grad)
+        if into:
+            torch._foreach_copy_(into, widened)
 
     def clip_master_grads(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the unscaled master grads to model-wide norm ``max_norm``; return the norm before.

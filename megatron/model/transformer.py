@@ -5,8 +5,9 @@ Shapes: b = micro batch, s = sequence, h = hidden, np = heads on this rank, hn =
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,23 @@ from megatron import mpu
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 LAYERNORM_EPSILON = 1e-5
+
+
+def draw_init_seed() -> int:
+    """One draw from the default generator (seeded identically on every rank)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Initialise under a CPU generator seeded with ``seed``, leaving the default stream untouched.
+
+    Each block of the model draws its weights from its own seed, so a block's initial weights do
+    not depend on which other blocks this rank builds: a pipeline stage builds a subset of them.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def init_method_normal(std: float) -> InitMethod:
@@ -127,6 +145,16 @@ class ParallelTransformerLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def build_transformer_layer(index: int, num_layers: int, hidden_size: int, num_attention_heads: int,
+                            attention_dropout_prob: float, output_dropout_prob: float, init_method_std: float,
+                            init_seed: int) -> ParallelTransformerLayer:
+    """Layer ``index`` (0-based) initialised from seed ``init_seed + 1 + index`` (0 is the embedding's)."""
+    with seeded_init(init_seed + 1 + index):
+        return ParallelTransformerLayer(
+            hidden_size, num_attention_heads, attention_dropout_prob, output_dropout_prob,
+            init_method_normal(init_method_std), scaled_init_method(init_method_std, num_layers))
+
+
 class ParallelTransformer(nn.Module):
     """A stack of ``ParallelTransformerLayer`` and the final LayerNorm.
 
@@ -145,18 +173,16 @@ class ParallelTransformer(nn.Module):
         checkpoint_activations: bool,
         checkpoint_num_layers: int = 1,
         init_method_std: float = 0.02,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.checkpoint_activations = checkpoint_activations
         self.checkpoint_num_layers = checkpoint_num_layers
-        init_method = init_method_normal(init_method_std)
-        output_init = scaled_init_method(init_method_std, num_layers)
+        init_seed = draw_init_seed() if init_seed is None else init_seed
         self.layers = nn.ModuleList(
-            ParallelTransformerLayer(
-                hidden_size, num_attention_heads, attention_dropout_prob, output_dropout_prob,
-                init_method, output_init,
-            )
-            for _ in range(num_layers)
+            build_transformer_layer(index, num_layers, hidden_size, num_attention_heads, attention_dropout_prob,
+                                    output_dropout_prob, init_method_std, init_seed)
+            for index in range(num_layers)
         )
         self.final_layernorm = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPSILON)
 
