@@ -18,7 +18,6 @@ from torch import nn
 
 from megatron import mpu
 
-
 from .transformer import (
     LAYERNORM_EPSILON,
     ParallelTransformerLayer,
