@@ -77,17 +77,24 @@ class Config:
     ranks: int
     mp: int
     precision: str
+    pp: int = 1  # pipeline stages (DeepSpeed's pipeline engine, ZeRO 0/1 only)
 
     @property
     def dp(self) -> int:
-        return self.ranks // self.mp
+        return self.ranks // (self.mp * self.pp)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro batches per step: enough to fill the pipeline (1 without pipelining)."""
+        return 2 * self.pp if self.pp > 1 else 1
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
         return MODELS[self.model]
 
     def label(self) -> str:
-        return f"{self.path} {self.model} mp{self.mp} dp{self.dp} {self.precision}"
+        pipe = f" pp{self.pp}" if self.pp > 1 else ""
+        return f"{self.path} {self.model}{pipe} mp{self.mp} dp{self.dp} {self.precision}"
 
 
 @dataclass
@@ -110,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="world sizes; paired one-to-one with --models when the counts match, else crossed")
     parser.add_argument("--mp", nargs="+", type=int, default=[1, 2], help="model-parallel sizes to try, smallest first")
     parser.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
+    parser.add_argument("--pipe", nargs="+", type=int, default=[1],
+                        help="pipeline sizes (above 1: DeepSpeed's pipeline engine, only with zero1)")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=8)
@@ -160,9 +169,14 @@ def matrix(args: argparse.Namespace) -> list[list[Config]]:
     for model, ranks in pairs:
         for precision in args.precisions:
             for path in args.paths:
-                group = [Config(path, model, ranks, mp, precision) for mp in sorted(args.mp)
-                         if ranks % mp == 0 and MODELS[model][2] % mp == 0]
-                groups.append(group)
+                for pp in sorted(args.pipe):
+                    if pp > 1 and path != "zero1":
+                        continue  # pipelining runs on the DeepSpeed path with ZeRO 0/1
+                    group = [Config(path, model, ranks, mp, precision, pp) for mp in sorted(args.mp)
+                             if ranks % (mp * pp) == 0 and MODELS[model][2] % mp == 0
+                             and MODELS[model][0] >= pp]
+                    if group:
+                        groups.append(group)
     return groups
 
 
@@ -192,6 +206,8 @@ def training_argv(config: Config, batch: int, args: argparse.Namespace, run_dir:
         argv.append("--checkpoint-activations")
     if config.path != "baseline":
         argv += ["--deepspeed", "--deepspeed_config", os.path.join(REPO, "scripts", DS_CONFIGS[config.path])]
+    if config.pp > 1:
+        argv += ["--pipe-parallel-size", str(config.pp), "--gradient-accumulation-steps", str(config.micro_batches)]
     return argv
 
 
@@ -281,7 +297,7 @@ def summarize(config: Config, runs: list[Run], args: argparse.Namespace) -> dict
         return row
     best = max(fitting, key=lambda r: r.batch)
     seconds = sum(best.iteration_ms) / len(best.iteration_ms) / 1000.0
-    global_batch = best.batch * config.dp
+    global_batch = best.batch * config.dp * config.micro_batches
     tokens_per_s = global_batch * seq / seconds
     model_flops = model_flops_per_token(layers, hidden, seq, row["padded_vocab"])
     hw_flops = hardware_flops_per_token(layers, hidden, seq, row["padded_vocab"], args.checkpoint_activations)
@@ -367,7 +383,8 @@ def baseline_for(rows: list[dict], row: dict) -> dict | None:
 
 
 def detail_line(row: dict, baseline: dict | None) -> str:
-    cells = [row["path"], row["model"], row["precision"], str(row["mp"]), str(row["dp"])]
+    path = row["path"] + (f" + pipe {row['pp']}" if row.get("pp", 1) > 1 else "")
+    cells = [path, row["model"], row["precision"], str(row["mp"]), str(row["dp"])]
     if not row["fits"]:
         reason = row["error"] or f"does not fit: {row['over_memory']}"
         return "| " + " | ".join(cells + [f"— ({reason})"] + [""] * 9) + " |"
