@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron import mpu
 from megatron.data import build_data_loader, build_train_valid_test_datasets
 from megatron.data.demo import ensure_demo_corpus
 from megatron.model import GPT2Model
 from megatron.model.gpt2_pipe import PipelineDescription, gpt2_pipeline_description
+from megatron.providers import build_data_iterators, exit_process, set_vocab_sizes
 from megatron.tokenizer import build_tokenizer
-from megatron.training import global_batch_size, pretrain, print_rank_0, run_entry_point
+from megatron.training import pretrain, print_rank_0, run_entry_point
 
 
 def model_provider(args: argparse.Namespace) -> GPT2Model | PipelineDescription:
@@ -97,34 +96,12 @@ def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: a
     return torch.sum(losses * loss_mask) / loss_mask.sum()
 
 
-def _cycle(loader: Any) -> Iterator:
-    while True:
-        yield from loader
-
-
 def data_provider(args: argparse.Namespace, consumed_samples: int) -> tuple[Any, Any, Any]:
     """Loaders on model-parallel rank 0 of each group; ``args.do_valid``/``do_test`` on all ranks."""
-    flags = torch.zeros(2, dtype=torch.long, device=mpu.communication_device())
-    iterators: list[Any] = [None, None, None]
-    if mpu.get_model_parallel_rank() == 0:
-        tokenizer = build_tokenizer(args)
-        batch = global_batch_size(args)
-        eval_batch = args.eval_batch_size * args.data_parallel_size
-        evaluations = args.train_iters // args.eval_interval + 1
-        num_samples = (args.train_iters * batch, evaluations * args.eval_iters * eval_batch,
-                       args.eval_iters * eval_batch)
-        datasets = build_train_valid_test_datasets(args, tokenizer, num_samples)
-        consumed = (consumed_samples, 0, 0)
-        micro = (args.batch_size, args.eval_batch_size, args.eval_batch_size)
-        for i, dataset in enumerate(datasets):
-            if dataset is not None and len(dataset) > 0:
-                loader = build_data_loader(dataset, micro[i], args.num_workers, consumed[i],
-                                           mpu.get_data_parallel_rank(), args.data_parallel_size)
-                iterators[i] = iter(loader) if i == 0 else _cycle(loader)
-        flags[0], flags[1] = int(iterators[1] is not None), int(iterators[2] is not None)
-    dist.broadcast(flags, 0)
-    args.do_valid, args.do_test = bool(flags[0]) and args.eval_iters > 0, bool(flags[1]) and args.eval_iters > 0
-    return tuple(iterators)
+    def build_datasets(args: argparse.Namespace, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
+        return build_train_valid_test_datasets(args, build_tokenizer(args), num_samples)
+
+    return build_data_iterators(args, consumed_samples, build_datasets, build_data_loader)
 
 
 def _uses_demo(args: argparse.Namespace) -> bool:
@@ -138,11 +115,7 @@ def resolve_tokenizer(args: argparse.Namespace) -> None:
     vocabulary sizes on every rank."""
     if _uses_demo(args):
         ensure_demo_corpus(args.demo_data_dir)
-    tokenizer = build_tokenizer(args)
-    args.vocab_size = args.vocab_size or tokenizer.vocab_size
-    args.eod_token = tokenizer.eod
-    args.padded_vocab_size = mpu.pad_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
-                                                args.model_parallel_size)
+    set_vocab_sizes(args, build_tokenizer(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,10 +130,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    # Leave without running C++ static destructors: with gloo and DeepSpeed's CPU communication
-    # threads still alive they occasionally abort (SIGABRT) a run that finished correctly.
-    # Checkpoints are already fsynced and the process group destroyed.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    exit_process(main())

@@ -27,6 +27,7 @@ from megatron.checkpointing import load_checkpoint, save_checkpoint
 from megatron.errors import ConfigError, TrainingAborted
 from megatron.flops import model_flops_per_token, training_peak_tflops, utilization
 from megatron.initialize import initialize_megatron
+from megatron.providers import global_batch_size
 from megatron.rng import set_rng_states
 from megatron.signals import ExitConditions
 from megatron.timers import Timers, memory_report
@@ -37,10 +38,6 @@ ForwardStepFunc = Callable[[Iterator | None, nn.Module, argparse.Namespace], tor
 def print_rank_0(message: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(message, flush=True)
-
-
-def global_batch_size(args: argparse.Namespace) -> int:
-    return args.batch_size * args.gradient_accumulation_steps * args.data_parallel_size
 
 
 @dataclass
