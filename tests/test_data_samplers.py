@@ -48,8 +48,10 @@ def test_ranks_partition_each_global_batch():
 
 
 def test_sampler_errors():
-    with pytest.raises(ValueError, match="consumed samples 100"):
-        MegatronPretrainingSampler(100, 100, 2, 0, 1)
+    with pytest.raises(ValueError, match="consumed samples 101"):
+        MegatronPretrainingSampler(100, 101, 2, 0, 1)
+    # A finished run relaunched (automatic resume) has nothing left to draw.
+    assert list(MegatronPretrainingSampler(100, 100, 2, 0, 1)) == []
     with pytest.raises(ValueError, match="data_parallel_rank 2"):
         MegatronPretrainingSampler(100, 0, 2, 2, 2)
 

@@ -64,7 +64,9 @@ def test_sigkill_during_checkpointing_never_loses_the_run(deepspeed: bool, demo_
         resumed = _run(resumable)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         printed = losses(resumed.stdout)
-        assert printed, f"trial {trial}: relaunch trained nothing:\n{resumed.stdout[-1500:]}"
+        if not printed:  # killed after the final checkpoint: the relaunch finds the run finished
+            assert "loaded checkpoint" in resumed.stdout and "at iteration 12" in resumed.stdout, resumed.stdout[-1500:]
+            continue
         first = min(printed)
         assert "loaded checkpoint" in resumed.stdout or first == 1
         assert printed == {i: straight[i] for i in range(first, 13)}, f"trial {trial}"

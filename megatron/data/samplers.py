@@ -27,8 +27,9 @@ class MegatronPretrainingSampler:
         if not 0 <= data_parallel_rank < data_parallel_size:
             raise ValueError(f"data_parallel_rank {data_parallel_rank} must be in "
                              f"[0, {data_parallel_size})")
-        if not 0 <= consumed_samples < total_samples:
-            raise ValueError(f"consumed samples {consumed_samples} must be in [0, {total_samples}); "
+        # consumed == total: a finished run relaunched (automatic resume) draws nothing more.
+        if not 0 <= consumed_samples <= total_samples:
+            raise ValueError(f"consumed samples {consumed_samples} must be in [0, {total_samples}]; "
                              "raise --train-iters to train past the end of the data")
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size, self.drop_last = micro_batch_size, drop_last
