@@ -42,7 +42,8 @@ TRAIN_ITERS=${TRAIN_ITERS:-$DEF_ITERS}
 LR=${LR:-$DEF_LR}
 VOCAB_FILE=${VOCAB_FILE:-data/demo/gpt2-vocab.json}
 MERGE_FILE=${MERGE_FILE:-data/demo/gpt2-merges.txt}
-CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/gpt2_${MODEL}}
+# One checkpoint directory per launch script and model: a relaunch resumes its own run.
+CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/$(basename "$0" .sh)_${MODEL}}
 
 if [ -n "${DATA_PATH:-}" ]; then
   # shellcheck disable=SC2206

@@ -11,7 +11,7 @@ MASTER_PORT=${MASTER_PORT:-$(python -c "import socket; s=socket.socket(); s.bind
 MP=${MP:-1}
 TRAIN_ITERS=${TRAIN_ITERS:-200}
 BATCH_SIZE=${BATCH_SIZE:-8}
-CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/bert_demo}
+CHECKPOINT_PATH=${CHECKPOINT_PATH:-checkpoints/ds_bert_demo}
 
 # Build the demo corpus and WordPiece vocabulary once, before the ranks start.
 python -c "from megatron.data.bert_dataset import ensure_demo_wordpiece; ensure_demo_wordpiece('data/demo')"

@@ -19,5 +19,4 @@ else
 fi
 exec "${LAUNCH[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" \
   --pipe-parallel-size "$PIPE_SIZE" --model-parallel-size "$MP_SIZE" \
-  --gradient-accumulation-steps "$MICRO_BATCHES" --deepspeed --deepspeed_config "$DS_CONFIG" \
-  --save "checkpoints/gpt2_${MODEL}_pipe" --load "checkpoints/gpt2_${MODEL}_pipe" "$@"
+  --gradient-accumulation-steps "$MICRO_BATCHES" --deepspeed --deepspeed_config "$DS_CONFIG" "$@"
