@@ -31,7 +31,7 @@ from megatron.text_generation import (
     generate,
     load_inference_model,
 )
-from megatron.tokenizer import TokenizerFileError
+from megatron.training import run_entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,15 +108,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(build_parser().parse_args(argv))
-    except (ConfigError, TokenizerFileError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    """Exit status 0 done, 2 bad input (one ``error:`` line), 1 a collective failed."""
+    return run_entry_point(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
