@@ -93,8 +93,8 @@ def megatron_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def _file(root: Path, mp_rank: int, iteration: int = 10) -> dict:
-    return torch.load(root / f"iter_{iteration:07d}" / f"mp_rank_{mp_rank:02d}" / "model_optim_rng.pt",
-                      weights_only=True)
+    path = root / f"iter_{iteration:07d}" / f"mp_rank_{mp_rank:02d}" / "model_optim_rng.pt"
+    return torch.load(path, weights_only=True)
 
 
 def test_reshard_2_1_4_2_is_exact_and_training_continues(megatron_run: tuple[Path, dict[int, str]],
@@ -156,8 +156,8 @@ def test_to_hf_matches_logits_and_round_trips_exactly(megatron_run: tuple[Path, 
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt"} <= {p.name for p in hf_dir.iterdir()}
     convert("from-hf", "--input", str(hf_dir), "--save", str(back), "--model-parallel-size", "2", *DIVISIBLE)
     for rank in (0, 1):
-        tensors_equal(_file(source, rank, 20)["model"], torch.load(
-            back / "iter_0000000" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt", weights_only=True)["model"])
+        path = back / "iter_0000000" / f"mp_rank_{rank:02d}" / "model_optim_rng.pt"
+        tensors_equal(_file(source, rank, 20)["model"], torch.load(path, weights_only=True)["model"])
     run_distributed(_compare_with_hf, 2, str(source), str(hf_dir))
 
 

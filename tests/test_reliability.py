@@ -142,8 +142,8 @@ def test_persistent_nan_stops_the_run_without_saving_it(deepspeed: bool, demo_co
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
     assert "Traceback" not in out.stderr
     if not deepspeed:
-        at4, at6 = (torch.load(save / f"iter_000000{i}" / "mp_rank_00" / "model_optim_rng.pt",
-                               weights_only=True)["model"] for i in (4, 6))
+        paths = [save / f"iter_000000{i}" / "mp_rank_00" / "model_optim_rng.pt" for i in (4, 6)]
+        at4, at6 = (torch.load(path, weights_only=True)["model"] for path in paths)
         for name, tensor in at6.items():
             assert torch.isfinite(tensor).all() and torch.equal(tensor, at4[name]), name
 

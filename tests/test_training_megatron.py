@@ -51,8 +51,8 @@ def test_checkpoint_loads_with_weights_only(demo_corpus: Path, tmp_path: Path) -
     run_training(2, TINY_GPT2 + ["--batch-size", "2", "--train-iters", "3", "--save", str(save),
                                  "--model-parallel-size", "2", "--fp16"])
     for mp_rank in (0, 1):
-        state = torch.load(save / "iter_0000003" / f"mp_rank_{mp_rank:02d}" / "model_optim_rng.pt",
-                           map_location="cpu", weights_only=True)
+        path = save / "iter_0000003" / f"mp_rank_{mp_rank:02d}" / "model_optim_rng.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
         assert state["iteration"] == 3 and state["consumed_samples"] == 6
         assert {"model", "optimizer", "lr_scheduler", "rng_states"} <= state.keys()
         assert {"random_rng_state", "np_rng_state", "torch_rng_state", "rng_tracker_states"} <= state["rng_states"].keys()
