@@ -114,8 +114,6 @@ def measure(bench: argparse.Namespace, stage: int) -> dict[str, float]:
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     n = dist.get_world_size()
     expected = PAPER_BYTES[stage](n) * num_params
-    del backend
-    gc.collect()
     return {"stage": stage, "ranks": n, "parameters": num_params, "bytes_per_rank": total.item(),
             "bytes_per_param": total.item() / num_params, "paper_bytes_per_param": PAPER_BYTES[stage](n),
             "ratio_to_paper": total.item() / expected}
