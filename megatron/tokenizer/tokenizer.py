@@ -119,7 +119,24 @@ def _file_digest(*paths: str) -> str:
     return digest.hexdigest()
 
 
-class GPT2BPETokenizer(AbstractTokenizer):
+class HFTokenizerBackend(AbstractTokenizer):
+    """Encoding and decoding through a Hugging Face ``tokenizers.Tokenizer`` in ``self._tokenizer``
+    (special tokens are neither added nor skipped: ids map one to one to text)."""
+
+    _tokenizer: Tokenizer
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+class GPT2BPETokenizer(HFTokenizerBackend):
     """GPT-2's byte-level BPE from ``vocab_file`` + ``merge_file``, encoded in Rust.
 
     No prefix space is added and ``<|endoftext|>`` inside text is ordinary text, as in GPT-2;
@@ -155,16 +172,6 @@ class GPT2BPETokenizer(AbstractTokenizer):
     @property
     def eod(self) -> int:
         return self._eod
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def __getstate__(self) -> dict:
         # The Rust tokenizer pickles fine, but rebuilding keeps DataLoader workers light.

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from tokenizers import BertWordPieceTokenizer as HFBertWordPieceTokenizer
 
-from megatron.tokenizer.tokenizer import AbstractTokenizer, TokenizerFileError
+from megatron.tokenizer.tokenizer import HFTokenizerBackend, TokenizerFileError
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -44,7 +44,7 @@ def _read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     return vocab
 
 
-class WordPieceTokenizer(AbstractTokenizer):
+class WordPieceTokenizer(HFTokenizerBackend):
     """BERT WordPiece: ids are line numbers of ``vocab_file``; ``eod`` is ``[SEP]``.
 
     ``lowercase`` lower-cases and strips accents (``BertWordPieceLowerCase``); without it the
@@ -72,16 +72,6 @@ class WordPieceTokenizer(AbstractTokenizer):
     def special_ids(self) -> np.ndarray:
         """Ids of ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (never masked, never drawn as random tokens)."""
         return np.array([self.pad, self.unk, self.cls, self.sep, self.mask], dtype=np.int64)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
-
-    def detokenize(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def __getstate__(self) -> dict:
         return {"vocab_file": self.vocab_file, "lowercase": self.lowercase}
