@@ -7,8 +7,12 @@ memory; every problem is a ``ConfigError`` naming the value and the fix.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import shutil
+
+import torch
 
 from megatron.data.arguments import add_data_args, validate_data_args
 from megatron.errors import ConfigError
@@ -60,6 +64,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--train-iters", type=int, default=1000, help="total optimizer steps to train for")
     group.add_argument("--checkpoint-activations", action="store_true", help="recompute activations in backward")
     group.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer layer (inductor: Triton on GPU, C++ on CPU); "
+                            "the first steps are slower while it compiles")
     group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s per device for the logged MFU (default: GPU table, or a matmul measured on CPU)")
@@ -201,6 +208,17 @@ def validate_training_args(args: argparse.Namespace) -> None:
                           "(to start fresh, drop --load or set it equal to --save)")
     if args.save is not None:
         check_writable(args.save)
+    if args.compile:
+        check_compile_toolchain()
+
+
+def check_compile_toolchain() -> None:
+    """``--compile`` needs Triton on a GPU and a C++ compiler on CPU: say so at start-up."""
+    if torch.cuda.is_available():
+        if importlib.util.find_spec("triton") is None:
+            raise ConfigError("--compile needs the triton package on GPUs (pip install triton); or drop --compile")
+    elif not any(shutil.which(compiler) for compiler in ("g++", "c++", "clang++")):
+        raise ConfigError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
 
 
 def check_writable(directory: str) -> None:

@@ -25,19 +25,29 @@ from megatron.checkpointing import (
     save_torch_file,
 )
 from megatron.errors import ConfigError
-from megatron.fp16 import FP16_Module, FP16_Optimizer
+from megatron.fp16 import FP16_Module, FP16_Optimizer, step_unless_found_inf, supports_found_inf
 from megatron.learning_rates import AnnealingLR
 from megatron.model.distributed import DistributedDataParallel
 from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+from megatron.model.transformer import compile_transformer_layers
 
 ForwardStep = Callable[[], torch.Tensor]
 
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # mean over the micro batches, averaged over data-parallel ranks (0-dim)
-    skipped: bool
-    grad_norm: float | None
+    """One optimizer step, as 0-dim tensors that the trainer reads only when it logs."""
+
+    loss: torch.Tensor  # mean over the micro batches, averaged over data-parallel ranks
+    skipped: torch.Tensor  # 1.0 when the update was skipped (non-finite gradients), else 0.0
+    grad_norm: torch.Tensor | None  # before clipping; None when not computed
+
+    @staticmethod
+    def from_host(loss: torch.Tensor, skipped: bool, grad_norm: float | None) -> StepResult:
+        """For paths that know the outcome on the host already (DeepSpeed's engines)."""
+        device = loss.device
+        return StepResult(loss, torch.tensor(float(skipped), device=device),
+                          None if grad_norm is None else torch.tensor(float(grad_norm), device=device))
 
 
 def _param_dtype(args: argparse.Namespace) -> torch.dtype:
@@ -60,10 +70,38 @@ def build_optimizer(param_groups: list[dict], args: argparse.Namespace) -> torch
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=fused)
 
 
-def build_lr_scheduler(optimizer: Any, args: argparse.Namespace) -> AnnealingLR:
+def maybe_compile(model: nn.Module, args: argparse.Namespace) -> None:
+    """``--compile``: compile the model's transformer layers in place before any wrapper sees them."""
+    if not getattr(args, "compile", False):
+        return
+    count = compile_transformer_layers(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f" > compiling {count} transformer layer{'' if count == 1 else 's'} with torch.compile "
+              "(the first steps are slower)",
+              flush=True)
+
+
+def tensor_lr_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype in which torch's fused AdamW on ``device`` takes a tensor learning rate (None: it
+    does not). Checked by one real step whose result must be the float-lr result."""
+    for dtype in (torch.float64, torch.float32):
+        param = nn.Parameter(torch.zeros(1, device=device))
+        param.grad = torch.ones(1, device=device)
+        try:
+            torch.optim.AdamW([param], lr=torch.tensor(1e-3, dtype=dtype, device=device), weight_decay=0.0,
+                              fused=True).step()
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        if abs(float(param.detach().cpu()) + 1e-3) < 1e-6:
+            return dtype
+    return None
+
+
+def build_lr_scheduler(optimizer: Any, args: argparse.Namespace,
+                       lr_tensor: torch.Tensor | None = None) -> AnnealingLR:
     return AnnealingLR(optimizer, start_lr=args.lr, warmup_iter=int(args.warmup * args.lr_decay_iters),
                        num_iters=args.lr_decay_iters, decay_style=args.lr_decay_style, last_iter=-1,
-                       min_lr=args.min_lr)
+                       min_lr=args.min_lr, lr_tensor=lr_tensor)
 
 
 def average_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
@@ -75,7 +113,14 @@ def average_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
 
 
 class MegatronBackend:
-    """Megatron-LM's own path: fp16/bf16 wrappers, explicit data-parallel all-reduce."""
+    """Megatron-LM's own path: fp16/bf16 wrappers, explicit data-parallel all-reduce.
+
+    With torch's fused AdamW (CUDA, and CPU since torch 2.4) a step reads nothing on the host:
+    overflow and non-finite gradients skip the update inside the optimizer (``found_inf``), the
+    loss scale and the learning-rate schedule advance on the device, and the loss, skip flag
+    and gradient norm come back as tensors the trainer reads at log intervals. Other optimizers
+    take the same decisions on the host (``sync_free`` False).
+    """
 
     name = "megatron"
 
@@ -84,11 +129,12 @@ class MegatronBackend:
         if args.gradient_accumulation_steps is None:
             args.gradient_accumulation_steps = 1
         self.unwrapped_model = model
+        maybe_compile(model, args)
         param_groups = gpt2_get_params_for_weight_decay_optimization(model)
         if args.params_dtype != "fp32":
             # Half logits go straight to the loss (mpu.vocab_parallel_cross_entropy reads them in fp32).
             model = FP16_Module(model, dtype=_param_dtype(args), cast_outputs=False)
-        self.model = DistributedDataParallel(model)
+        self.model = DistributedDataParallel(model, fp32_allreduce=args.fp32_allreduce)
         optimizer = build_optimizer(param_groups, args)
         if args.fp16:
             dynamic = args.loss_scale is None
@@ -100,7 +146,15 @@ class MegatronBackend:
         elif args.bf16:
             optimizer = FP16_Optimizer(optimizer, static_loss_scale=1.0)
         self.optimizer = optimizer
-        self.lr_scheduler = build_lr_scheduler(optimizer, args)
+        lr_dtype = tensor_lr_dtype(args.device) if supports_found_inf(self.base_optimizer) else None
+        self.sync_free = lr_dtype is not None
+        lr_tensor = torch.zeros((), dtype=lr_dtype, device=args.device) if self.sync_free else None
+        self.lr_scheduler = build_lr_scheduler(optimizer, args, lr_tensor)
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer (inside FP16_Optimizer for fp16/bf16)."""
+        return self.optimizer.optimizer if isinstance(self.optimizer, FP16_Optimizer) else self.optimizer
 
     @property
     def half(self) -> bool:
@@ -109,43 +163,46 @@ class MegatronBackend:
     def train_step(self, forward_step: ForwardStep, num_micro_batches: int, data_iterator: Any = None) -> StepResult:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.args.device)
-        for _ in range(num_micro_batches):
+        for micro_batch in range(num_micro_batches):
+            # Gradients start their data-parallel all-reduce during the last micro batch's backward.
+            self.model.sync_gradients = micro_batch == num_micro_batches - 1
             loss = forward_step() / num_micro_batches
             if self.half:
                 self.optimizer.backward(loss, update_master_grads=False)
             else:
                 loss.backward()
             total += loss.detach().float()
-        self.model.allreduce_params(fp32_allreduce=self.args.fp32_allreduce)
+        self.model.allreduce_params()
         if self.half:
-            applied, grad_norm = self._half_step()
+            skipped, grad_norm = self._half_step()
         else:
-            applied, grad_norm = self._full_precision_step()
-        if applied:
-            self.lr_scheduler.step()
-        norm = float(grad_norm) if grad_norm is not None and applied else None
-        return StepResult(average_over_data_parallel(total), not applied, norm)
+            skipped, grad_norm = self._full_precision_step()
+        self.lr_scheduler.step_applied(1.0 - skipped)
+        return StepResult(average_over_data_parallel(total), skipped, grad_norm)
 
-    def _half_step(self) -> tuple[bool, torch.Tensor | None]:
+    def _half_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp16/bf16 masters: the wrapper detects inf/NaN (across model-parallel ranks) and skips."""
+        if self.sync_free:
+            return self.optimizer.step_on_device(self.args.clip_grad)
         self.optimizer.update_master_grads()
         grad_norm = None
         if self.args.clip_grad > 0:
             grad_norm = self.optimizer.clip_master_grads(self.args.clip_grad)
-        return self.optimizer.step(), grad_norm
+        return torch.tensor(float(not self.optimizer.step())), grad_norm
 
-    def _full_precision_step(self) -> tuple[bool, torch.Tensor]:
+    def _full_precision_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32: skip the update when the gradient norm (the same on every rank) is not finite."""
         params = [p for p in self.unwrapped_model.parameters() if p.grad is not None]
         if self.args.clip_grad > 0:
             grad_norm = mpu.clip_grad_norm(params, self.args.clip_grad)
         else:
             grad_norm = mpu.grad_norm(params)
-        if not bool(torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            return False, grad_norm
-        self.optimizer.step()
-        return True, grad_norm
+        found_inf = (~torch.isfinite(grad_norm)).float()
+        if self.sync_free:
+            step_unless_found_inf(self.optimizer, found_inf)
+        elif not bool(found_inf):
+            self.optimizer.step()
+        return found_inf, grad_norm
 
     def loss_scale(self) -> float:
         return float(self.optimizer.loss_scale) if self.half else 1.0

@@ -24,6 +24,7 @@ from megatron.backends import (
     average_over_data_parallel,
     build_lr_scheduler,
     build_optimizer,
+    maybe_compile,
 )
 from megatron.errors import ConfigError
 from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
@@ -139,6 +140,7 @@ class DeepSpeedBackend:
         import deepspeed
 
         args, config = self.args, self.config
+        maybe_compile(model, args)
         param_groups = gpt2_get_params_for_weight_decay_optimization(model)
         ds_args = copy.copy(args)
         ds_args.deepspeed_config = None  # the resolved config is passed below
@@ -161,7 +163,7 @@ class DeepSpeedBackend:
         applied = self.model.was_step_applied()
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None and applied else None
-        return StepResult(average_over_data_parallel(total / num_micro_batches), not applied, norm)
+        return StepResult.from_host(average_over_data_parallel(total / num_micro_batches), not applied, norm)
 
     def loss_scale(self) -> float:
         if not self.args.fp16:

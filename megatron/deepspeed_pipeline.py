@@ -86,7 +86,7 @@ class PipelineBackend(DeepSpeedBackend):
         applied = self.model.was_step_applied()
         norm = self.model.get_global_grad_norm()
         norm = float(norm) if norm is not None and applied else None
-        return StepResult(loss.detach().float().reshape(()), not applied, norm)
+        return StepResult.from_host(loss.detach().float().reshape(()), not applied, norm)
 
     def eval_loss(self, forward_step: Any, data_iterator: Any) -> torch.Tensor:
         """Mean loss of one step's worth of micro batches, already averaged over data parallel and

@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 DECAY_STYLES = ("constant", "linear", "cosine", "exponential")
 
 # Fraction of start_lr left at the end of an exponential decay.
@@ -64,6 +66,40 @@ def annealed_lr(
     return max(min_lr, start_lr * _decay_factor(decay_style, progress))
 
 
+def annealed_lr_tensor(
+    iteration: torch.Tensor,
+    start_lr: float,
+    warmup_iter: int,
+    num_iters: int,
+    decay_style: str,
+    min_lr: float = 0.0,
+) -> torch.Tensor:
+    """:func:`annealed_lr` of a 0-dim float64 ``iteration`` tensor, computed where it lives.
+
+    The same float64 arithmetic as the Python version (cosine and exponential may differ in the
+    last bit), without reading the iteration on the host.
+    """
+    if decay_style == "constant":
+        decayed = torch.full_like(iteration, start_lr)
+    else:
+        decay_iters = num_iters - warmup_iter
+        if decay_iters <= 0:
+            progress = torch.ones_like(iteration)
+        else:
+            progress = ((iteration - warmup_iter) / decay_iters).clamp(max=1.0)
+        if decay_style == "linear":
+            factor = 1.0 - progress
+        elif decay_style == "cosine":
+            factor = 0.5 * (1.0 + torch.cos(math.pi * progress))
+        else:
+            factor = torch.pow(EXPONENTIAL_FINAL_FRACTION, progress)
+        decayed = (start_lr * factor).clamp(min=min_lr)
+    if warmup_iter <= 0:
+        return decayed
+    warming = start_lr * iteration.clamp(min=0) / warmup_iter
+    return torch.where(iteration <= warmup_iter, warming, decayed)
+
+
 def validate_schedule(
     start_lr: float, warmup_iter: int, num_iters: int, decay_style: str, min_lr: float
 ) -> None:
@@ -98,6 +134,13 @@ class AnnealingLR:
     from the constructor when ``override_lr_scheduler`` (``--override-lr-scheduler``), from the
     checkpoint when ``use_checkpoint_lr_scheduler`` (``--use-checkpoint-lr-scheduler``, the
     default), and otherwise must match the checkpoint (ValueError if not).
+
+    Device mode (``lr_tensor``, a 0-dim tensor on the training device): the iteration is kept
+    in a float64 tensor beside it and every group's ``lr`` *is* ``lr_tensor``, refilled on the
+    device at each step, so that :meth:`step_applied` can advance the schedule by a step that
+    may have been skipped without the host reading whether it was (the optimizer must take a
+    tensor lr: torch's fused Adam/AdamW). Reading :attr:`num_iters` or :meth:`get_lr` then
+    synchronises; the trainer does it only to log and to checkpoint.
     """
 
     def __init__(
@@ -112,6 +155,7 @@ class AnnealingLR:
         *,
         override_lr_scheduler: bool = False,
         use_checkpoint_lr_scheduler: bool = True,
+        lr_tensor: torch.Tensor | None = None,
     ) -> None:
         if override_lr_scheduler and use_checkpoint_lr_scheduler:
             raise ValueError(
@@ -128,8 +172,16 @@ class AnnealingLR:
         self.min_lr = float(min_lr)
         self.override_lr_scheduler = override_lr_scheduler
         self.use_checkpoint_lr_scheduler = use_checkpoint_lr_scheduler
-        self.num_iters = last_iter + 1  # current iteration; Megatron's name, kept for checkpoints
-        self.step(self.num_iters)
+        self.lr_tensor = lr_tensor
+        self._iteration: int | torch.Tensor = 0
+        if lr_tensor is not None:
+            self._iteration = torch.zeros((), dtype=torch.float64, device=lr_tensor.device)
+        self.step(last_iter + 1)
+
+    @property
+    def num_iters(self) -> int:
+        """The current iteration (Megatron's name, kept for checkpoints); reads the device in device mode."""
+        return int(self._iteration.item()) if isinstance(self._iteration, torch.Tensor) else self._iteration
 
     def get_lr(self) -> float:
         """Learning rate for the current iteration."""
@@ -140,8 +192,33 @@ class AnnealingLR:
 
     def step(self, step_num: int | None = None) -> None:
         """Advance to iteration ``step_num`` (default: the next one) and set every group's lr."""
-        self.num_iters = self.num_iters + 1 if step_num is None else int(step_num)
-        lr = self.get_lr()
+        if isinstance(self._iteration, torch.Tensor):
+            if step_num is None:
+                self._iteration += 1
+            else:
+                self._iteration.fill_(int(step_num))
+        else:
+            self._iteration = self._iteration + 1 if step_num is None else int(step_num)
+        self._write_lr()
+
+    def step_applied(self, applied: torch.Tensor) -> None:
+        """Advance by ``applied`` (0-dim, 1 when the optimizer step was applied, 0 when skipped).
+
+        In device mode nothing is read on the host; otherwise this reads ``applied``.
+        """
+        if isinstance(self._iteration, torch.Tensor):
+            self._iteration += applied.to(self._iteration)
+            self._write_lr()
+        elif bool(applied):
+            self.step()
+
+    def _write_lr(self) -> None:
+        if self.lr_tensor is None:
+            lr: float | torch.Tensor = self.get_lr()
+        else:
+            self.lr_tensor.copy_(annealed_lr_tensor(self._iteration, self.start_lr, self.warmup_iter,
+                                                    self.end_iter, self.decay_style, self.min_lr))
+            lr = self.lr_tensor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 

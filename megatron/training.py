@@ -42,15 +42,20 @@ def print_rank_0(message: str) -> None:
 
 @dataclass
 class TrainState:
+    """Counters of the run. The per-step outcomes (loss, skip, gradient norm) stay 0-dim device
+    tensors and are read on the host only at log intervals and before checkpoints."""
+
     iteration: int = 0
     consumed_samples: int = 0
-    skipped_iterations: int = 0
-    interval_loss: torch.Tensor | None = None
+    skipped_iterations: int = 0  # up to the last log line
+    interval_loss: torch.Tensor | None = None  # sum of the applied steps' losses since the last log line
     interval_iterations: int = 0
-    interval_skipped: int = 0
-    consecutive_skipped: int = 0
+    interval_skipped: torch.Tensor | None = None
+    consecutive_skipped: torch.Tensor | None = None  # the current run of skipped steps
+    longest_skipped_run: torch.Tensor | None = None  # since the last check
     stopped_early: bool = False
-    last_grad_norm: float | None = None
+    last_grad_norm: torch.Tensor | None = None
+    last_skipped: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -88,16 +93,16 @@ def build_tensorboard_writer(args: argparse.Namespace) -> Any:
     return SummaryWriter(log_dir=args.tensorboard_dir)
 
 
-def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed: float) -> str:
+def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed: float, skipped: int) -> str:
     iterations = max(state.interval_iterations, 1)
-    applied = state.interval_iterations - state.interval_skipped
-    loss = (state.interval_loss / applied).item() if state.interval_loss is not None else float("nan")
+    applied = state.interval_iterations - skipped
+    loss = (state.interval_loss / applied).item() if state.interval_loss is not None and applied else float("nan")
     ms_per_iter = elapsed * 1000.0 / iterations
     tokens_per_s = global_batch_size(args) * args.seq_length / max(elapsed / iterations, 1e-9)
     flops = model_flops_per_token(args.num_layers, args.hidden_size, args.seq_length, args.padded_vocab_size)
     tflops_per_device = tokens_per_s * flops / args.world_size / 1e12
     mfu = utilization(tokens_per_s, flops, args.world_size, state.extras.get("peak_tflops"))
-    grad_norm = "n/a" if state.last_grad_norm is None else f"{state.last_grad_norm:.3E}"
+    grad_norm = "n/a" if state.extras["grad_norm"] is None else f"{state.extras['grad_norm']:.3E}"
     state.extras.update(loss=loss, tokens_per_s=tokens_per_s, tflops=tflops_per_device)
     return (f" iteration {state.iteration:8d}/{args.train_iters:8d} |"
             f" elapsed time per iteration (ms): {ms_per_iter:.1f} |"
@@ -105,7 +110,7 @@ def _log_line(args: argparse.Namespace, state: TrainState, backend: Any, elapsed
             f" lm loss {loss:.6E} |"
             f" loss scale {backend.loss_scale():.1f} |"
             f" grad norm {grad_norm} |"
-            f" number of skipped iterations {state.interval_skipped:3d} |"
+            f" number of skipped iterations {skipped:3d} |"
             f" tokens/s {tokens_per_s:.1f} |"
             f" TFLOP/s per device {tflops_per_device:.3f} |"
             f" MFU {'n/a' if mfu is None else f'{mfu:.2%}'} |")
@@ -118,8 +123,8 @@ def _write_scalars(writer: Any, state: TrainState, backend: Any) -> None:
     writer.add_scalar("lm loss", state.extras["loss"], step)
     writer.add_scalar("learning rate", backend.learning_rate(), step)
     writer.add_scalar("loss scale", backend.loss_scale(), step)
-    if state.last_grad_norm is not None:
-        writer.add_scalar("grad norm", state.last_grad_norm, step)
+    if state.extras["grad_norm"] is not None:
+        writer.add_scalar("grad norm", state.extras["grad_norm"], step)
     writer.add_scalar("tokens per second", state.extras["tokens_per_s"], step)
     writer.add_scalar("TFLOP/s per device", state.extras["tflops"], step)
     writer.flush()
@@ -163,38 +168,57 @@ def _inject_nan_iterations() -> set[int]:
     return iterations
 
 
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
 def _record_step(state: TrainState, result: Any, args: argparse.Namespace) -> None:
+    """Fold one step's outcome into the counters, on the device (nothing is read here)."""
     state.iteration += 1
     state.consumed_samples += global_batch_size(args)
     state.interval_iterations += 1
-    state.last_grad_norm = result.grad_norm
-    if result.skipped:
-        state.interval_skipped += 1
-        state.skipped_iterations += 1
-        state.consecutive_skipped += 1
-        return
-    state.consecutive_skipped = 0
-    state.interval_loss = result.loss if state.interval_loss is None else state.interval_loss + result.loss
+    skipped = result.skipped.to(result.loss.device)
+    state.last_grad_norm, state.last_skipped = result.grad_norm, skipped
+    state.interval_skipped = _accumulate(state.interval_skipped, skipped)
+    # where, not a product: a skipped step's loss may be NaN
+    state.interval_loss = _accumulate(state.interval_loss, torch.where(skipped.bool(), 0.0, result.loss))
+    run = _accumulate(state.consecutive_skipped, torch.ones_like(skipped)) * skipped
+    state.consecutive_skipped = run
+    state.longest_skipped_run = run if state.longest_skipped_run is None else torch.maximum(state.longest_skipped_run, run)
 
 
 def _check_skips(state: TrainState, args: argparse.Namespace) -> None:
-    """Persistent non-finite values stop the run (fp16 overflow is the loss scaler's business)."""
-    if not args.fp16 and state.consecutive_skipped >= args.max_skipped_steps:
+    """Persistent non-finite values stop the run (fp16 overflow is the loss scaler's business).
+
+    Called at log intervals and before every checkpoint (it reads the device), so a run of
+    ``--max-skipped-steps`` skipped steps stops the run before anything is saved after it.
+    """
+    if state.longest_skipped_run is None:
+        return
+    longest = int(state.longest_skipped_run.item())
+    state.longest_skipped_run = state.consecutive_skipped
+    if not args.fp16 and longest >= args.max_skipped_steps:
         raise TrainingAborted(
-            f"{state.consecutive_skipped} consecutive iterations (up to {state.iteration}) had a non-finite "
+            f"{longest} consecutive iterations (up to {state.iteration}) had a non-finite "
             f"loss or gradient norm and were skipped (--max-skipped-steps {args.max_skipped_steps}); "
             "no checkpoint was written with them: lower --lr, check the data, or resume from the last checkpoint")
 
 
 def _log_interval(args: argparse.Namespace, state: TrainState, backend: Any, writer: Any,
                   timers: Timers, elapsed: float) -> None:
-    print_rank_0(_log_line(args, state, backend, elapsed))
+    """The one place a step's outcome is read on the host (besides checkpoints)."""
+    skipped = int(state.interval_skipped.item()) if state.interval_skipped is not None else 0
+    state.skipped_iterations += skipped
+    last_skipped = state.last_skipped is not None and bool(state.last_skipped.item())
+    state.extras["grad_norm"] = (None if state.last_grad_norm is None or last_skipped
+                                 else float(state.last_grad_norm.item()))
+    print_rank_0(_log_line(args, state, backend, elapsed, skipped))
     _write_scalars(writer, state, backend)
     if args.log_timers:
         print_rank_0(timers.log_string(["step"], normalizer=state.interval_iterations))
     if state.iteration == args.log_interval:
         print_rank_0(memory_report(f"after {state.iteration} iterations"))
-    state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, 0
+    state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, None
 
 
 def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator | None,
@@ -216,12 +240,13 @@ def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator 
             args.gradient_accumulation_steps, train_iterator)
         timers("step").stop()
         _record_step(state, result, args)
-        _check_skips(state, args)
         if state.iteration % args.log_interval == 0:
+            _check_skips(state, args)
             _log_interval(args, state, backend, writer, timers, time.perf_counter() - interval_start)
             interval_start = time.perf_counter()
         stop = exits.should_exit(state.iteration)
         if args.save and (state.iteration % args.save_interval == 0 or stop):
+            _check_skips(state, args)
             save_checkpoint(args, backend, state.iteration, state.consumed_samples)
             interval_start = time.perf_counter()
         if stop:
@@ -233,6 +258,8 @@ def train(forward_step: ForwardStepFunc, backend: Any, train_iterator: Iterator 
             evaluate_and_print_results(f"iteration {state.iteration}", forward_step, valid_iterator,
                                        backend, args, writer, state.iteration)
             interval_start = time.perf_counter()
+    if not state.stopped_early:
+        _check_skips(state, args)  # before the final checkpoint
     if writer is not None:
         writer.close()
     return state

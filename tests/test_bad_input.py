@@ -131,3 +131,15 @@ def test_bad_input_is_one_clear_line(case: str, workspace: dict[str, Path]) -> N
     assert errors and message in errors[0], out.stderr[-3000:]
     assert f'File "{REPO}' not in out.stderr, "a traceback of our code was printed"
     assert (_digest(workspace["ckpt"]), _digest(workspace["corrupt"])) == before
+
+
+def test_compile_without_a_compiler_is_one_clear_line(demo_corpus: Path, tmp_path: Path) -> None:
+    """--compile on CPU with no C++ compiler on PATH: told at start-up, not by inductor mid-step."""
+    import os
+
+    env = dict(os.environ, PATH=str(tmp_path), **ENV_THREADS)  # an empty directory: no g++, no clang++
+    out = subprocess.run([sys.executable, "pretrain_gpt2.py", *TINY_GPT2, "--batch-size", "2", "--train-iters", "2",
+                          "--compile"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: --compile on CPU needs a C++ compiler (g++ or clang++) on PATH" in out.stderr
+    assert f'File "{REPO}' not in out.stderr

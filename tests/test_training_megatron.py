@@ -78,3 +78,12 @@ def test_demo_run_learns_and_validates(demo_corpus: Path, tmp_path: Path) -> Non
     assert "lm loss PPL" in out.stdout
     assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"hparams.json", "githash.log", "gitdiff.log"}
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_compile_equals_eager_with_dropout(demo_corpus: Path) -> None:
+    """--compile changes the kernels, not the numbers: model parallel 2 with dropout on."""
+    common = TINY_GPT2 + ["--batch-size", "4", "--train-iters", "6", "--model-parallel-size", "2"]
+    eager = losses(run_training(2, common).stdout)
+    compiled = run_training(2, common + ["--compile"])
+    assert "compiling 2 transformer layers with torch.compile" in compiled.stdout
+    assert_losses_close(losses(compiled.stdout), eager, rel=1e-5)

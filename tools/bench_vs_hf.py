@@ -8,6 +8,8 @@ Each (path, precision) runs in a fresh child process, so one path's memory (or a
 cannot speed up or slow down another. Paths:
 
 * ``megatron``: ``MegatronBackend`` (fp32, or ``--bf16``/``--fp16``: half model + fp32 masters);
+* ``megatron-compile``: the same with ``--compile`` (torch.compile'd transformer layers; the
+  compilation falls in the discarded warm-up steps);
 * ``deepspeed-zero0``/``deepspeed-zero1``: ``DeepSpeedBackend`` with ZeRO 0/1 on one rank;
 * ``hf``: ``transformers.GPT2LMHeadModel`` (SDPA attention) with ``torch.optim.AdamW``, gradient
   clipping at 1.0 as the HF Trainer does, and ``torch.autocast`` for bf16/fp16.
@@ -41,7 +43,7 @@ import torch  # noqa: E402
 from megatron.flops import model_flops_per_token  # noqa: E402
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PATHS = ("megatron", "deepspeed-zero0", "deepspeed-zero1", "hf")
+PATHS = ("megatron", "megatron-compile", "deepspeed-zero0", "deepspeed-zero1", "hf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,6 +133,8 @@ def megatron_args(opts: argparse.Namespace, precision: str, path: str, config_di
         argv.append(f"--{precision}")
     if precision == "fp16":
         argv += ["--loss-scale", "1024"]  # static: no skipped steps in a timing
+    if path == "megatron-compile":
+        argv.append("--compile")
     if path.startswith("deepspeed"):
         config = os.path.join(config_dir, "ds_config.json")
         with open(config, "w") as handle:

@@ -29,7 +29,7 @@ from torch import nn
 
 from megatron import mpu
 
-from .loss_scaler import DynamicLossScaler, LossScaler
+from .loss_scaler import DynamicLossScaler, LossScaler, overflow_flag
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,24 @@ def _make_master(param: torch.Tensor) -> nn.Parameter:
     return master
 
 
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours a ``found_inf`` tensor attribute (skips on 1.0 without
+    a host read): torch's fused Adam, AdamW and SGD, the optimizers ``GradScaler`` drives that way."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def step_unless_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """Step ``optimizer`` unless the 0-dim float ``found_inf`` is 1.0, decided on the device.
+
+    A skipped step leaves parameters and optimizer state (step counts included) untouched.
+    """
+    optimizer.found_inf = found_inf.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
 def _build_scaler(
     static_loss_scale: float, dynamic_loss_scale: bool, dynamic_loss_args: dict[str, Any] | None
 ) -> LossScaler:
@@ -130,6 +148,10 @@ class FP16_Optimizer:
 
     Attributes: ``overflow`` (the last :meth:`update_master_grads` found inf/nan),
     ``skipped_steps`` (steps skipped for overflow so far), ``loss_scaler``, ``optimizer``.
+
+    :meth:`step_on_device` is the same update (master grads, unscale, clip, step, scale update)
+    with no host synchronisation, for wrapped optimizers that take ``found_inf`` (see
+    :func:`supports_found_inf`).
     """
 
     def __init__(
@@ -144,7 +166,8 @@ class FP16_Optimizer:
         self.loss_scaler = _build_scaler(static_loss_scale, dynamic_loss_scale, dynamic_loss_args)
         self.verbose = verbose
         self.overflow = False
-        self.skipped_steps = 0
+        # bf16's static scale of 1.0 needs no unscaling multiply
+        self._unit_scale = not dynamic_loss_scale and float(static_loss_scale) == 1.0
         self.model_params: list[torch.Tensor] = []  # what the optimizer updates, as the model holds it
         self.half_params: list[torch.Tensor] = []  # model params that have a master ...
         self.master_params: list[nn.Parameter] = []  # ... and their masters, in the same order
@@ -152,6 +175,14 @@ class FP16_Optimizer:
             self._attach_masters(group["params"])
         if init_optimizer.state:  # recast pre-existing state (e.g. momenta) to the masters' dtype
             init_optimizer.load_state_dict(init_optimizer.state_dict())
+        device = self.model_params[0].device if self.model_params else torch.device("cpu")
+        self.loss_scaler.to(device)
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for overflow so far (read on the host)."""
+        return int(self._skipped.item())
 
     def _attach_masters(self, params: list[torch.Tensor]) -> None:
         """Swap each half tensor of one param group's ``params`` list for its fp32 master."""
@@ -216,9 +247,12 @@ class FP16_Optimizer:
         if self.overflow:
             return
         self._copy_model_grads_to_masters()
+        self._unscale_master_grads()
+
+    def _unscale_master_grads(self) -> None:
         grads = [param.grad for param in self._optimized_params() if param.grad is not None]
-        if grads and self.loss_scale != 1.0:
-            torch._foreach_mul_(grads, 1.0 / self.loss_scale)
+        if grads and not self._unit_scale:
+            torch._foreach_mul_(grads, self.loss_scaler.scale_tensor.reciprocal().to(grads[0].device))
 
     @torch.no_grad()
     def _copy_model_grads_to_masters(self) -> None:
@@ -244,10 +278,36 @@ class FP16_Optimizer:
         """
         if self.overflow:
             return torch.tensor(-1.0)
+        return self._clip(max_norm, norm_type)
+
+    def _clip(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         params = self._optimized_params()
         if mpu.model_parallel_is_initialized():
             return mpu.clip_grad_norm(params, max_norm, norm_type)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    def step_on_device(self, max_norm: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """After backward: update master grads, unscale, clip to ``max_norm`` (0: no clipping),
+        step and update the loss scale, all without reading a value on the host.
+
+        Overflow is detected as in :meth:`update_master_grads` (agreed over the model-parallel
+        group); an overflowed step is skipped by the wrapped optimizer itself (``found_inf``), so
+        the scale, the skip counter and the masters change exactly as through :meth:`step`.
+        Returns ``(found_inf, grad_norm)``: 0-dim tensors, 1.0 when the step was skipped, and
+        the norm before clipping (None without clipping).
+        """
+        if not supports_found_inf(self.optimizer):
+            raise TypeError(f"{type(self.optimizer).__name__} cannot skip a step on the device; "
+                            "use update_master_grads/clip_master_grads/step (or a fused AdamW)")
+        found_inf = overflow_flag(self.model_params).to(self._skipped.device)
+        self._copy_model_grads_to_masters()
+        self._unscale_master_grads()
+        grad_norm = self._clip(max_norm) if max_norm > 0 else None
+        step_unless_found_inf(self.optimizer, found_inf)
+        self.loss_scaler.update_scale(found_inf)
+        self._skipped += found_inf.long()
+        self._copy_masters_to_model()  # a skipped step copies back the unchanged masters
+        return found_inf, grad_norm
 
     def step(self) -> bool:
         """Update the loss scale, then step the masters and copy them into the model.
@@ -258,7 +318,7 @@ class FP16_Optimizer:
         attempted_scale = self.loss_scale
         self.loss_scaler.update_scale(self.overflow)
         if self.overflow:
-            self.skipped_steps += 1
+            self._skipped += 1
             if self.verbose:
                 logger.warning(
                     "gradient overflow: skipping step; loss scale %s -> %s",
@@ -303,7 +363,7 @@ class FP16_Optimizer:
             )
         self.loss_scaler.load_state_dict(state_dict["loss_scaler"])
         self.overflow = bool(state_dict["overflow"])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._skipped.fill_(int(state_dict.get("skipped_steps", 0)))
         self.optimizer.load_state_dict(state_dict["optimizer_state_dict"])
         for master, saved in zip(self.master_params, saved_masters):
             master.copy_(saved)

@@ -32,8 +32,9 @@ def local_has_overflow(params: Iterable[torch.Tensor]) -> torch.Tensor:
     return (~torch.stack([norm.float() for norm in norms]).isfinite()).any().float()
 
 
-def has_overflow(params: Iterable[torch.Tensor]) -> bool:
-    """True when any rank of this model-parallel group has an inf/nan gradient in ``params``.
+def overflow_flag(params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """0-dim float tensor: 1.0 when any rank of this model-parallel group has an inf/nan gradient
+    in ``params``; nothing is read on the host.
 
     When torch.distributed and the model-parallel groups are initialized, every rank of the
     model-parallel group must call it: the flag is all-reduced (MAX) over that group, so that all
@@ -45,45 +46,64 @@ def has_overflow(params: Iterable[torch.Tensor]) -> bool:
         if mpu.get_model_parallel_world_size() > 1:
             flag = flag.to(mpu.communication_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mpu.get_model_parallel_group())
-    return bool(flag.item())
+    return flag
+
+
+def has_overflow(params: Iterable[torch.Tensor]) -> bool:
+    """:func:`overflow_flag` read on the host (a collective over the model-parallel group)."""
+    return bool(overflow_flag(params).item())
 
 
 class LossScaler:
     """A constant loss scale (``--loss-scale``; 1.0 for bf16).
 
     Overflow is still detected (a static scale can overflow too) and the step skipped by the
-    optimizer, but the scale never changes.
+    optimizer, but the scale never changes. The scale lives in a 0-dim fp32 tensor
+    (:attr:`scale_tensor`, moved with :meth:`to`) so that scaling and, for the dynamic scaler,
+    updating it need no host synchronisation; :attr:`loss_scale` reads it on the host.
     """
 
     def __init__(self, scale: float = 1.0) -> None:
         if not scale > 0:
             raise ValueError(f"loss scale ({scale}) must be positive; pass e.g. --loss-scale 1024")
-        self.cur_scale = float(scale)
+        self.scale_tensor = torch.tensor(float(scale))
+
+    def to(self, device: torch.device | str) -> LossScaler:
+        """Keep the scale (and counters) on ``device``, the device of the gradients."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
 
     @property
     def loss_scale(self) -> float:
-        return self.cur_scale
+        return float(self.scale_tensor.item())
+
+    @property
+    def cur_scale(self) -> float:
+        """Megatron's name for :attr:`loss_scale`."""
+        return self.loss_scale
 
     def has_overflow(self, params: Iterable[torch.Tensor]) -> bool:
         """See :func:`has_overflow` (a collective over the model-parallel group)."""
         return has_overflow(params)
 
-    def update_scale(self, overflow: bool) -> None:
+    def update_scale(self, overflow: bool | torch.Tensor) -> None:
         """A static scale ignores overflows."""
 
     def scale_gradient(
         self, module: torch.nn.Module, grad_in: tuple[torch.Tensor | None, ...], grad_out: Any
     ) -> tuple[torch.Tensor | None, ...]:
         """Backward hook (Megatron's signature) multiplying the incoming gradients by the scale."""
-        return tuple(None if grad is None else grad * self.loss_scale for grad in grad_in)
+        return tuple(None if grad is None else grad * self.scale_tensor.to(grad) for grad in grad_in)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """``(loss * scale).backward()``; the product is taken in fp32."""
-        (loss.float() * self.loss_scale).backward(retain_graph=retain_graph)
+        (loss.float() * self.scale_tensor.to(loss.device)).backward(retain_graph=retain_graph)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only."""
-        return {"loss_scale": self.cur_scale}
+        return {"loss_scale": self.loss_scale}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A static scale is configuration, not state: the constructor's value is kept."""
@@ -114,27 +134,40 @@ class DynamicLossScaler(LossScaler):
         self.scale_window = int(scale_window)
         self.min_scale = float(min_scale)
         self.delayed_shift = int(delayed_shift)
-        self.good_steps = 0  # consecutive steps without overflow
-        self.hysteresis_left = self.delayed_shift
+        # Counters as 0-dim tensors beside the scale, so that updating needs no host read.
+        self.good_steps_tensor = torch.tensor(0)  # consecutive steps without overflow
+        self.hysteresis_tensor = torch.tensor(self.delayed_shift)
 
-    def update_scale(self, overflow: bool) -> None:
-        """Account for one step; ``overflow`` must agree across the model-parallel group."""
-        if overflow:
-            self.good_steps = 0
-            self.hysteresis_left -= 1
-            if self.hysteresis_left <= 0:
-                self.cur_scale = max(self.cur_scale / self.scale_factor, self.min_scale)
-            return
-        self.good_steps += 1
-        if self.good_steps == self.scale_window:
-            self.good_steps = 0
-            self.hysteresis_left = self.delayed_shift
-            self.cur_scale *= self.scale_factor
+    @property
+    def good_steps(self) -> int:
+        return int(self.good_steps_tensor.item())
+
+    @property
+    def hysteresis_left(self) -> int:
+        return int(self.hysteresis_tensor.item())
+
+    def update_scale(self, overflow: bool | torch.Tensor) -> None:
+        """Account for one step; ``overflow`` (a bool, or a 0-dim tensor read on the device)
+        must agree across the model-parallel group.
+
+        On overflow: restart the window, spend one unit of hysteresis, and once it is spent
+        divide the scale (floor ``min_scale``). Otherwise count a good step; a full window
+        multiplies the scale and refills the hysteresis.
+        """
+        overflow = torch.as_tensor(overflow, device=self.scale_tensor.device).bool()
+        good = torch.where(overflow, 0, self.good_steps_tensor + 1)
+        hysteresis = self.hysteresis_tensor - overflow.long()
+        lowered = (self.scale_tensor / self.scale_factor).clamp(min=self.min_scale)
+        scale = torch.where(overflow & (hysteresis <= 0), lowered, self.scale_tensor)
+        grow = good == self.scale_window
+        self.scale_tensor = torch.where(grow, scale * self.scale_factor, scale)
+        self.good_steps_tensor = torch.where(grow, 0, good)
+        self.hysteresis_tensor = torch.where(grow, self.delayed_shift, hysteresis)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values only: the scale and both counters."""
         return {
-            "loss_scale": self.cur_scale,
+            "loss_scale": self.loss_scale,
             "good_steps": self.good_steps,
             "hysteresis_left": self.hysteresis_left,
         }
@@ -144,9 +177,11 @@ class DynamicLossScaler(LossScaler):
 
         A static scaler's state (``loss_scale`` only) is accepted and starts a fresh window.
         """
-        self.cur_scale = float(state_dict["loss_scale"])
-        self.good_steps = int(state_dict.get("good_steps", 0))
-        self.hysteresis_left = int(state_dict.get("hysteresis_left", self.delayed_shift))
+        device = self.scale_tensor.device
+        self.scale_tensor = torch.tensor(float(state_dict["loss_scale"]), device=device)
+        self.good_steps_tensor = torch.tensor(int(state_dict.get("good_steps", 0)), device=device)
+        self.hysteresis_tensor = torch.tensor(int(state_dict.get("hysteresis_left", self.delayed_shift)),
+                                              device=device)
 
 
 def _validate_dynamic(

@@ -34,6 +34,12 @@ def _broadcast_shapes(keys: list[str], data: dict[str, torch.Tensor] | None) -> 
     return shapes
 
 
+def _check_dtypes(keys: list[str], data: dict[str, torch.Tensor], datatype: torch.dtype) -> None:
+    for key in keys:
+        if data[key].dtype != datatype:
+            raise TypeError(f"{key} has dtype {data[key].dtype}, expected {datatype}")
+
+
 def broadcast_data(
     keys: list[str], data: dict[str, torch.Tensor] | None, datatype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -42,12 +48,13 @@ def broadcast_data(
     Only rank 0 of each model-parallel group needs ``data``; the others may pass None. Every
     tensor must have dtype ``datatype``. Returns the tensors on the communication device.
     """
-    shapes = _broadcast_shapes(keys, data)
     device = communication_device()
+    if get_model_parallel_world_size() == 1:  # nothing to send: no shape exchange, no host read
+        _check_dtypes(keys, data, datatype)
+        return {key: data[key].to(device, non_blocking=True) for key in keys}
+    shapes = _broadcast_shapes(keys, data)
     if get_model_parallel_rank() == 0:
-        for key in keys:
-            if data[key].dtype != datatype:
-                raise TypeError(f"{key} has dtype {data[key].dtype}, expected {datatype}")
+        _check_dtypes(keys, data, datatype)
         flat = torch.cat([data[key].reshape(-1) for key in keys]).to(device)
     else:
         flat = torch.empty(sum(s.numel() for s in shapes), dtype=datatype, device=device)

@@ -69,7 +69,9 @@ def _init_sharded_weight(
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split along the vocabulary; each rank looks up the ids it owns.
 
-    Ids outside ``[0, num_embeddings)`` raise IndexError on every model-parallel size.
+    Ids outside ``[0, num_embeddings)`` fail on every model-parallel size (a RuntimeError on
+    CPU, a device-side assert on GPUs) through ``torch._assert_async``, which checks on the
+    device without stopping the host to read the answer.
     """
 
     def __init__(
@@ -87,11 +89,11 @@ class VocabParallelEmbedding(nn.Module):
         _init_sharded_weight(self.weight, (num_embeddings, embedding_dim), 0, init_method)
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        if bool(((input_ < 0) | (input_ >= self.num_embeddings)).any()):
-            bad = input_[(input_ < 0) | (input_ >= self.num_embeddings)][0].item()
-            raise IndexError(
-                f"token id {bad} is outside the (padded) vocabulary of {self.num_embeddings}"
-            )
+        torch._assert_async(
+            ((input_ >= 0) & (input_ < self.num_embeddings)).all(),
+            f"a token id is outside the (padded) vocabulary of {self.num_embeddings}: the data was "
+            "tokenised with another vocabulary",
+        )
         if get_model_parallel_world_size() == 1:
             return F.embedding(input_, self.weight)
         outside = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
