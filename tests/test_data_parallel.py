@@ -46,7 +46,7 @@ def _loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 def _ddp_grads(rank: int, bucket_bytes: int, micro: int, dtype: torch.dtype, fp32: bool) -> dict[str, torch.Tensor]:
     model = WithUnusedLayer().to(dtype)
     ddp = DistributedDataParallel(model, fp32_allreduce=fp32, bucket_bytes=bucket_bytes)
-    for step in range(2):  # the second step reuses the buckets
+    for _step in range(2):  # the second step reuses the buckets
         model.zero_grad(set_to_none=True)
         for index, tokens in enumerate(_micro_batches(rank, micro)):
             ddp.sync_gradients = index == micro - 1

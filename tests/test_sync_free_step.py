@@ -38,7 +38,6 @@ class RecordHostReads(TorchDispatchMode):
 
 def _backend(precision: str, clip_grad: float, initial_loss_scale: float = 2.0**32):
     from arguments import build_parser
-
     from megatron.backends import MegatronBackend
 
     argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
