@@ -70,7 +70,7 @@ class LossScaler:
 
     def to(self, device: torch.device | str) -> LossScaler:
         """Keep the scale (and counters) on ``device``, the device of the gradients."""
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device))
         return self
