@@ -77,3 +77,12 @@ def test_deepspeed_activation_checkpointing_end_to_end(demo_corpus: Path, tmp_pa
     checkpointed = run_training(2, common + ds_args(tmp_path, 1) + [
         "--checkpoint-activations", "--deepspeed-activation-checkpointing", "--partition-activations"])
     assert_losses_close(losses(checkpointed.stdout), losses(baseline.stdout))
+
+
+def test_compile_under_zero3_equals_eager(demo_corpus: Path, tmp_path: Path) -> None:
+    """--compile on the DeepSpeed path: ZeRO 3 partitions the compiled layers' parameters."""
+    common = TINY_GPT2 + ["--batch-size", "4", "--train-iters", "4"] + ds_args(tmp_path, 3)
+    eager = losses(run_training(2, common).stdout)
+    compiled = run_training(2, common + ["--compile"])
+    assert "compiling 2 transformer layers with torch.compile" in compiled.stdout
+    assert_losses_close(losses(compiled.stdout), eager, rel=1e-5)
