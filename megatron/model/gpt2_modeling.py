@@ -7,7 +7,7 @@ from torch import nn
 
 from megatron import mpu
 
-from .transformer import ParallelTransformer, draw_init_seed, init_method_normal, seeded_init
+from .transformer import ParallelTransformer, build_gpt2_embeddings, draw_init_seed
 
 
 class GPT2Model(nn.Module):
@@ -40,11 +40,8 @@ class GPT2Model(nn.Module):
         self.vocab_size = vocab_size
         self.max_sequence_length = max_sequence_length
         init_seed = draw_init_seed()
-        with seeded_init(init_seed):
-            init_method = init_method_normal(init_method_std)
-            self.word_embeddings = mpu.VocabParallelEmbedding(vocab_size, hidden_size, init_method=init_method)
-            self.position_embeddings = nn.Embedding(max_sequence_length, hidden_size)
-            init_method(self.position_embeddings.weight)
+        self.word_embeddings, self.position_embeddings = build_gpt2_embeddings(
+            vocab_size, hidden_size, max_sequence_length, init_method_std, init_seed)
         self.embedding_dropout = nn.Dropout(embedding_dropout_prob)
         self.transformer = ParallelTransformer(
             num_layers, hidden_size, num_attention_heads, attention_dropout_prob, output_dropout_prob,

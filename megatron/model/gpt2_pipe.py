@@ -21,6 +21,7 @@ from megatron import mpu
 from .transformer import (
     LAYERNORM_EPSILON,
     ParallelTransformerLayer,
+    build_gpt2_embeddings,
     draw_init_seed,
     init_method_normal,
     scaled_init_method,
@@ -34,11 +35,8 @@ class EmbeddingPipe(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, max_sequence_length: int,
                  embedding_dropout_prob: float, init_method_std: float, init_seed: int) -> None:
         super().__init__()
-        with seeded_init(init_seed):
-            init_method = init_method_normal(init_method_std)
-            self.word_embeddings = mpu.VocabParallelEmbedding(vocab_size, hidden_size, init_method=init_method)
-            self.position_embeddings = nn.Embedding(max_sequence_length, hidden_size)
-            init_method(self.position_embeddings.weight)
+        self.word_embeddings, self.position_embeddings = build_gpt2_embeddings(
+            vocab_size, hidden_size, max_sequence_length, init_method_std, init_seed)
         self.embedding_dropout = nn.Dropout(embedding_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -145,6 +145,21 @@ class ParallelTransformerLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def build_gpt2_embeddings(vocab_size: int, hidden_size: int, max_sequence_length: int, init_method_std: float,
+                          init_seed: int) -> tuple[mpu.VocabParallelEmbedding, nn.Embedding]:
+    """GPT-2's token and position embeddings, initialised from seed ``init_seed`` (block 0).
+
+    ``GPT2Model`` and the pipeline's first stage both build them here, so a pipelined model starts
+    from the unpipelined one's weights.
+    """
+    with seeded_init(init_seed):
+        init_method = init_method_normal(init_method_std)
+        word_embeddings = mpu.VocabParallelEmbedding(vocab_size, hidden_size, init_method=init_method)
+        position_embeddings = nn.Embedding(max_sequence_length, hidden_size)
+        init_method(position_embeddings.weight)
+    return word_embeddings, position_embeddings
+
+
 def compile_transformer_layers(module: nn.Module) -> int:
     """``--compile``: ``torch.compile`` every ``ParallelTransformerLayer`` inside ``module``, in place.
 
