@@ -1,21 +1,43 @@
-"""Megatron-LM's command-line flags, grouped as in the original, plus DeepSpeed's.
+"""Megatron-LM's command-line flags, grouped as in the original, plus DeepSpeed's, and the
+``RunConfig`` they build.
 
-``get_args()`` parses and validates the whole configuration before any process allocates
-memory; every problem is a ``ConfigError`` naming the value and the fix.
+``get_args()`` parses and checks the flags; ``build_run_config(args, tokenizer)`` then derives
+everything else (launch environment, padded vocabulary, DeepSpeed batch sizes and precision)
+into frozen, typed sections, before any process group or model exists. Every problem is a
+``ConfigError`` naming the value and the fix.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from megatron.data.arguments import add_data_args, validate_data_args
+from megatron import mpu
+from megatron.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    LoggingConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RunConfig,
+    TrainingConfig,
+    build_parallel_config,
+    resolve_deepspeed_batch,
+    resolve_deepspeed_precision,
+)
+from megatron.data.arguments import add_data_args, data_config, validate_data_args
 from megatron.errors import ConfigError
+from megatron.launch import LaunchEnv, read_launch_env
+from megatron.model.config import ModelConfig
 
 
 def add_model_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -210,6 +232,10 @@ def validate_training_args(args: argparse.Namespace) -> None:
         check_writable(args.save)
     if args.compile:
         check_compile_toolchain()
+    for flag, value, minimum in (("--loss-scale-window", args.loss_scale_window, 1),
+                                 ("--hysteresis", args.hysteresis, 1)):
+        if value < minimum:
+            raise ConfigError(f"{flag} ({value}) must be at least {minimum}")
 
 
 def check_compile_toolchain() -> None:
@@ -250,10 +276,27 @@ def validate_pipeline_args(args: argparse.Namespace) -> None:
                                          ("--reset-attention-mask", args.reset_attention_mask)) if on]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} are not supported with --pipe-parallel-size > 1")
-    stage = args.deepspeed_config_dict.get("zero_optimization", {}).get("stage", 0)
+    stage = read_deepspeed_json(args.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
     if stage >= 2:
         raise ConfigError(f"ZeRO stage {stage} ({args.deepspeed_config}) cannot be combined with pipeline "
                           f"parallelism (--pipe-parallel-size {args.pipe_parallel_size}); use ZeRO stage 0 or 1")
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config at ``path`` (a JSON object), or a ConfigError saying what is wrong."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"DeepSpeed config {path!r} does not exist")
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    if "scheduler" in config:
+        raise ConfigError(f"{path} defines a 'scheduler': remove it, the learning-rate "
+                          "schedule comes from --lr, --lr-decay-style, --warmup and --min-lr")
+    return config
 
 
 def validate_deepspeed_args(args: argparse.Namespace) -> None:
@@ -265,30 +308,16 @@ def validate_deepspeed_args(args: argparse.Namespace) -> None:
         return
     if not args.deepspeed_config:
         raise ConfigError("--deepspeed needs --deepspeed_config PATH (a DeepSpeed JSON config; see scripts/ds_*.json)")
-    if not os.path.isfile(args.deepspeed_config):
-        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} does not exist")
-    try:
-        with open(args.deepspeed_config) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"DeepSpeed config {args.deepspeed_config!r} must hold a JSON object")
-    args.deepspeed_config_dict = config
+    read_deepspeed_json(args.deepspeed_config)
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Check the whole configuration; fill derived defaults. Raises ConfigError."""
-    validate_data_args(args)
+    """Check every flag on its own and against the others. Raises ConfigError; changes nothing."""
+    validate_data_args(data_config(args, args.seed))
     validate_model_args(args)
     validate_training_args(args)
     validate_deepspeed_args(args)
     validate_pipeline_args(args)
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size
-    args.params_dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     return args
 
 
@@ -296,3 +325,109 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (``argv`` defaults to ``sys.argv[1:]``)."""
     args = build_parser().parse_args(argv)
     return validate_args(args)
+
+
+# ---- the RunConfig of checked flags ---------------------------------------------------------
+
+
+def parallel_config(args: argparse.Namespace, launch: LaunchEnv) -> ParallelConfig:
+    return build_parallel_config(launch, args.model_parallel_size, args.pipe_parallel_size, args.distributed_backend,
+                                 args.distributed_timeout_minutes, args.pipe_partition_method)
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> ModelConfig:
+    padded = mpu.pad_vocab_size(vocab_size, args.make_vocab_size_divisible_by, args.model_parallel_size)
+    return ModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        max_position_embeddings=args.max_position_embeddings, vocab_size=vocab_size, padded_vocab_size=padded,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, checkpoint_activations=args.checkpoint_activations,
+        checkpoint_num_layers=args.checkpoint_num_layers)
+
+
+def precision_flags(args: argparse.Namespace) -> PrecisionConfig:
+    return PrecisionConfig(
+        dtype="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", loss_scale=args.loss_scale,
+        initial_loss_scale=args.initial_loss_scale, loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis, min_scale=args.min_scale, fp32_allreduce=args.fp32_allreduce)
+
+
+def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
+                     precision: PrecisionConfig) -> tuple[DeepSpeedConfig, int, str]:
+    """The resolved DeepSpeed section, the gradient accumulation steps and the precision.
+
+    Without ``--deepspeed``: accumulation is the flag (default 1), precision the flags'.
+    """
+    if not args.deepspeed:
+        return DeepSpeedConfig(), args.gradient_accumulation_steps or 1, precision.dtype
+    config = read_deepspeed_json(args.deepspeed_config)
+    accumulation = resolve_deepspeed_batch(config, args.batch_size, parallel.data_parallel_size,
+                                           args.gradient_accumulation_steps)
+    dtype = resolve_deepspeed_precision(config, precision, torch.cuda.is_available())
+    config.setdefault("gradient_clipping", args.clip_grad)
+    config.setdefault("steps_per_print", 10**9)  # the training loop logs
+    config.setdefault("wall_clock_breakdown", False)
+    section = DeepSpeedConfig(
+        enabled=True, config_path=args.deepspeed_config, config_json=json.dumps(config, sort_keys=True),
+        activation_checkpointing=args.deepspeed_activation_checkpointing,
+        partition_activations=args.partition_activations, contiguous_checkpointing=args.contigious_checkpointing,
+        checkpoint_in_cpu=args.checkpoint_in_cpu, synchronize_each_layer=args.synchronize_each_layer,
+        profile_backward=args.profile_backward)
+    return section, accumulation, dtype
+
+
+def training_config(args: argparse.Namespace, accumulation: int) -> TrainingConfig:
+    return TrainingConfig(
+        micro_batch_size=args.batch_size, gradient_accumulation_steps=accumulation, train_iters=args.train_iters,
+        eval_batch_size=args.eval_batch_size or args.batch_size, eval_iters=args.eval_iters,
+        eval_interval=args.eval_interval, seed=args.seed, compile=args.compile,
+        reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss, max_skipped_steps=args.max_skipped_steps,
+        exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
+        exit_duration_in_mins=args.exit_duration_in_mins)
+
+
+def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    return OptimizerConfig(
+        lr=args.lr, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
+        lr_decay_iters=args.lr_decay_iters or args.train_iters, warmup=args.warmup,
+        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps, clip_grad=args.clip_grad)
+
+
+def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
+    return CheckpointConfig(
+        save=args.save, load=args.load, save_interval=args.save_interval, keep_last_n=args.keep_last_n,
+        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, load_optim=not args.no_load_optim,
+        load_rng=not args.no_load_rng, finetune=args.finetune)
+
+
+def logging_config(args: argparse.Namespace) -> LoggingConfig:
+    return LoggingConfig(log_interval=args.log_interval, log_timers=args.log_timers,
+                         tensorboard_dir=args.tensorboard_dir, exp_dir=args.exp_dir,
+                         peak_tflops=args.peak_tflops)
+
+
+def warn_pipeline_bubble(run: RunConfig) -> None:
+    pipe, accumulation = run.parallel.pipe_parallel_size, run.training.gradient_accumulation_steps
+    if pipe > 1 and accumulation < pipe and run.parallel.rank == 0:
+        print(f" warning: {accumulation} micro batches per step for {pipe} pipeline stages: most stages idle "
+              "(pipeline bubble); raise --gradient-accumulation-steps", flush=True)
+
+
+def build_run_config(args: argparse.Namespace, vocab_size: int, eod_token: int,
+                     environ: Mapping[str, str] | None = None) -> RunConfig:
+    """The whole, frozen configuration of a training run from checked flags (``get_args``), the
+    tokenizer's vocabulary size and end-of-document token (``--vocab-size`` overrides the size),
+    and the launch environment (``environ``, default ``os.environ``). Raises ConfigError."""
+    parallel = parallel_config(args, read_launch_env(environ))
+    flags = precision_flags(args)
+    deepspeed, accumulation, dtype = deepspeed_config(args, parallel, flags)
+    precision = dataclasses.replace(flags, dtype=dtype)
+    run = RunConfig(
+        model=model_config(args, args.vocab_size or vocab_size), data=data_config(args, args.seed),
+        parallel=parallel, precision=precision, optimizer=optimizer_config(args),
+        training=training_config(args, accumulation), logging=logging_config(args),
+        checkpoint=checkpoint_config(args), deepspeed=deepspeed, eod_token=eod_token)
+    warn_pipeline_bubble(run)
+    return run

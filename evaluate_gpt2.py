@@ -27,10 +27,14 @@ import torch.distributed as dist
 
 from megatron import mpu
 from megatron.errors import ConfigError
-from megatron.model import GPT2Model
-from megatron.text_generation import add_inference_args, load_inference_model
+from megatron.inference import (
+    InferenceModel,
+    add_inference_args,
+    inference_config,
+    load_inference_model,
+)
 from megatron.tokenizer import AbstractTokenizer
-from megatron.training import run_entry_point
+from megatron.training.entry import run_entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,31 +92,32 @@ def _window_batch(tokens: list[int], windows: list[tuple[int, int]], seq_length:
 
 
 @torch.no_grad()
-def total_loss(model: GPT2Model, tokens: list[int], args: argparse.Namespace) -> float:
+def total_loss(loaded: InferenceModel, tokens: list[int], args: argparse.Namespace) -> float:
     """Sum of the scored targets' losses (nats) over all windows."""
-    windows = perplexity_windows(len(tokens), args.seq_length, args.overlapping_eval)
+    seq_length = loaded.seq_length
+    windows = perplexity_windows(len(tokens), seq_length, args.overlapping_eval)
     total = 0.0
     batch_size = args.eval_batch_size or args.batch_size
     for begin in range(0, len(windows), batch_size):
-        batch, mask = _window_batch(tokens, windows[begin:begin + batch_size], args.seq_length, args.eod_token)
-        batch, mask = batch.to(args.device), mask.to(args.device)
-        logits = model(batch[:, :-1])
+        batch, mask = _window_batch(tokens, windows[begin:begin + batch_size], seq_length, loaded.eod)
+        batch, mask = batch.to(loaded.device), mask.to(loaded.device)
+        logits = loaded.model(batch[:, :-1])
         losses = mpu.vocab_parallel_cross_entropy(logits.float().contiguous(), batch[:, 1:],
-                                                  vocab_size=args.vocab_size)
+                                                  vocab_size=loaded.config.vocab_size)
         total += float((losses * mask).sum())
     return total
 
 
-def evaluate_perplexity(model: GPT2Model, tokenizer: AbstractTokenizer, args: argparse.Namespace) -> dict:
+def evaluate_perplexity(loaded: InferenceModel, args: argparse.Namespace) -> dict:
     with open(args.valid_data[0], encoding="utf-8") as handle:
         text = handle.read()
     if not args.no_detokenize:
         text = wikitext_detokenize(text)
-    tokens = tokenizer.tokenize(text)
+    tokens = loaded.tokenizer.tokenize(text)
     words = len(text.strip().split(" "))
     if len(tokens) < 2 or words < 2:
         raise ConfigError(f"--valid-data {args.valid_data[0]} holds too little text to evaluate")
-    avg_loss = total_loss(model, tokens, args) / (len(tokens) - 1)
+    avg_loss = total_loss(loaded, tokens, args) / (len(tokens) - 1)
     token_ratio = (len(tokens) - 1) / (words - 1)
     return {"avg loss": avg_loss, "ppl": math.exp(min(20.0, avg_loss)),
             "adjusted ppl": math.exp(min(20.0, avg_loss * token_ratio)), "token ratio": token_ratio,
@@ -140,16 +145,17 @@ def read_cloze_examples(path: str, tokenizer: AbstractTokenizer) -> list[tuple[l
 
 
 @torch.no_grad()
-def cloze_correct(model: GPT2Model, context: list[int], target: list[int], args: argparse.Namespace) -> bool:
-    tokens = (context + target)[-(args.seq_length + 1):]
-    inputs = torch.tensor([tokens[:-1]], device=args.device)
-    logits = mpu.gather_from_model_parallel_region(model(inputs))[0, -len(target):, :args.vocab_size]
-    return bool((logits.argmax(dim=-1).cpu() == torch.tensor(target)).all())
+def cloze_correct(loaded: InferenceModel, context: list[int], target: list[int]) -> bool:
+    tokens = (context + target)[-(loaded.seq_length + 1):]
+    inputs = torch.tensor([tokens[:-1]], device=loaded.device)
+    logits = mpu.gather_from_model_parallel_region(loaded.model(inputs))
+    predicted = logits[0, -len(target):, :loaded.config.vocab_size].argmax(dim=-1)
+    return bool((predicted.cpu() == torch.tensor(target)).all())
 
 
-def evaluate_cloze(model: GPT2Model, tokenizer: AbstractTokenizer, args: argparse.Namespace) -> dict:
-    examples = read_cloze_examples(args.valid_data[0], tokenizer)
-    correct = sum(cloze_correct(model, context, target, args) for context, target in examples)
+def evaluate_cloze(loaded: InferenceModel, args: argparse.Namespace) -> dict:
+    examples = read_cloze_examples(args.valid_data[0], loaded.tokenizer)
+    correct = sum(cloze_correct(loaded, context, target) for context, target in examples)
     return {"number correct": correct, "total examples": len(examples), "avg accuracy": correct / len(examples)}
 
 
@@ -169,11 +175,11 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"--valid-data {args.valid_data[0]!r} does not exist")
     if args.overlapping_eval <= 0:
         raise ConfigError(f"--overlapping-eval must be positive, got {args.overlapping_eval}")
-    model, tokenizer = load_inference_model(args)
-    if args.overlapping_eval > args.seq_length:
-        raise ConfigError(f"--overlapping-eval ({args.overlapping_eval}) exceeds --seq-length ({args.seq_length})")
+    loaded = load_inference_model(inference_config(args))
+    if args.overlapping_eval > loaded.seq_length:
+        raise ConfigError(f"--overlapping-eval ({args.overlapping_eval}) exceeds --seq-length ({loaded.seq_length})")
     evaluate = evaluate_cloze if args.cloze_eval else evaluate_perplexity
-    results = evaluate(model, tokenizer, args)
+    results = evaluate(loaded, args)
     if dist.get_rank() == 0:
         name = "LAMBADA" if args.cloze_eval else os.path.basename(args.valid_data[0])
         print(result_line(name, results), flush=True)

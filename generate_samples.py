@@ -6,10 +6,12 @@
 The checkpoint may be Megatron or DeepSpeed, saved at any model-parallel size. With
 ``--sample-input-file`` (one prompt a line) each prompt gives one JSON line
 ``{"prompt": ..., "text": ...}`` (``text`` is the continuation only) in ``--sample-output-file``
-(or on stdout); ``--num-samples N`` without an input file writes N unconditional samples (prompt
-""); with neither, prompts are read from stdin until EOF. ``--out-seq-length`` caps prompt plus
-continuation; ``--greedy`` takes the argmax, otherwise ``--temperature``, ``--top_k`` or
-``--top_p`` shape the draw. The same ``--seed`` gives the same text.
+(or on stdout), in input order; ``--num-samples N`` without an input file writes N unconditional
+samples (prompt ""); with neither, prompts are read from stdin until EOF, one at a time. Prompts
+from a file or ``--num-samples`` are decoded ``--batch-size`` at a time. ``--out-seq-length``
+caps prompt plus continuation; ``--greedy`` takes the argmax, otherwise ``--temperature``,
+``--top_k`` or ``--top_p`` shape the draw. Each prompt samples from its own generator, seeded
+from ``--seed`` and its index in the input: the same seed gives the same text at any batch size.
 """
 
 from __future__ import annotations
@@ -19,19 +21,23 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from itertools import islice
 from typing import TextIO
 
-import torch
 import torch.distributed as dist
 
 from megatron.errors import ConfigError
-from megatron.text_generation import (
+from megatron.inference import (
+    InferenceModel,
     SamplingSettings,
+    StoppingRule,
     add_inference_args,
     generate,
+    inference_config,
     load_inference_model,
+    prompt_generator,
 )
-from megatron.training import run_entry_point
+from megatron.training.entry import run_entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +58,8 @@ def validate_sample_args(args: argparse.Namespace) -> SamplingSettings:
     settings.validate()
     if args.out_seq_length <= 0:
         raise ConfigError(f"--out-seq-length must be positive, got {args.out_seq_length}")
+    if args.batch_size <= 0:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size} (prompts decoded together)")
     if args.num_samples < 0:
         raise ConfigError(f"--num-samples must be >= 0, got {args.num_samples}")
     if args.sample_input_file and not os.path.isfile(args.sample_input_file):
@@ -87,21 +95,40 @@ def prompts(args: argparse.Namespace) -> Iterator[str]:
         yield from _interactive_prompts()
 
 
+def prompt_batches(args: argparse.Namespace) -> Iterator[list[str]]:
+    """``--batch-size`` prompts at a time from a file or ``--num-samples``; typed ones singly
+    (the next prompt is not typed before this one's answer)."""
+    size = args.batch_size if args.sample_input_file or args.num_samples else 1
+    source = prompts(args)
+    while batch := list(islice(source, size)):
+        yield batch
+
+
+def _write_batch(loaded: InferenceModel, batch: list[str], first_index: int, settings: SamplingSettings,
+                 args: argparse.Namespace, output: TextIO | None) -> None:
+    """Generate for ``batch`` (prompts ``first_index ..`` of the input); rank 0 writes the lines."""
+    tokenizer = loaded.tokenizer
+    contexts = [tokenizer.tokenize(prompt) if prompt else [tokenizer.eod] for prompt in batch]
+    generators = [prompt_generator(args.seed, first_index + i) for i in range(len(batch))]
+    stopping = StoppingRule(eod=tokenizer.eod, max_length=args.out_seq_length)
+    continuations = generate(loaded.model, contexts, settings, stopping, loaded.config.vocab_size, generators)
+    if output is not None:
+        for prompt, tokens in zip(batch, continuations):
+            output.write(json.dumps({"prompt": prompt, "text": tokenizer.detokenize(tokens)}) + "\n")
+        output.flush()
+
+
 def run(args: argparse.Namespace) -> None:
     settings = validate_sample_args(args)
-    model, tokenizer = load_inference_model(args)
-    generator = torch.Generator().manual_seed(args.seed)
+    loaded = load_inference_model(inference_config(args))
     output: TextIO | None = None
     if _is_writer():
         output = open(args.sample_output_file, "w", encoding="utf-8") if args.sample_output_file else sys.stdout
     try:
-        for prompt in prompts(args):
-            context = tokenizer.tokenize(prompt) if prompt else [tokenizer.eod]
-            tokens = generate(model, context, args.out_seq_length, settings, tokenizer.eod,
-                              args.vocab_size, generator)
-            if output is not None:
-                output.write(json.dumps({"prompt": prompt, "text": tokenizer.detokenize(tokens)}) + "\n")
-                output.flush()
+        done = 0
+        for batch in prompt_batches(args):
+            _write_batch(loaded, batch, done, settings, args, output)
+            done += len(batch)
     finally:
         if output is not None and output is not sys.stdout:
             output.close()

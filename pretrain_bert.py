@@ -13,18 +13,22 @@ the sentence (NSP/SOP) cross-entropy.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from megatron import mpu
+from megatron.config import RunConfig
 from megatron.data.bert_dataset import (
     BATCH_KEYS,
     SENTENCE_HEADS,
+    BertSampleConfig,
     build_bert_data_loader,
     build_bert_datasets,
     demo_wordpiece_path,
@@ -33,10 +37,12 @@ from megatron.data.bert_dataset import (
 from megatron.data.masking import MaskingConfig
 from megatron.errors import ConfigError
 from megatron.model.bert_modeling import BertConfig, BertModel
-from megatron.providers import build_data_iterators, exit_process, set_vocab_sizes
-from megatron.tokenizer import build_tokenizer
+from megatron.tokenizer import AbstractTokenizer, build_tokenizer
 from megatron.tokenizer.wordpiece import WORDPIECE_TYPES
-from megatron.training import pretrain, print_rank_0, run_entry_point
+from megatron.training.data import DataIterators, build_data_iterators
+from megatron.training.entry import exit_process, run_entry_point
+from megatron.training.log import print_rank_0
+from megatron.training.loop import pretrain
 
 GPT2_ONLY_FLAGS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
 
@@ -69,6 +75,9 @@ def validate_bert_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--seq-length ({args.seq_length}) must be at least 4 for [CLS] A [SEP] B [SEP]")
     if args.num_tokentypes < 0:
         raise ConfigError(f"--num-tokentypes must be >= 0, got {args.num_tokentypes}")
+    if args.pipe_parallel_size > 1:
+        raise ConfigError(f"--pipe-parallel-size {args.pipe_parallel_size}: BERT is not pipelined; drop the flag "
+                          "(tensor and data parallelism work)")
     ignored = ["--" + name.replace("_", "-") for name in GPT2_ONLY_FLAGS if getattr(args, name)]
     if ignored and os.environ.get("RANK", "0") == "0":
         print(f"warning: {', '.join(ignored)} apply to GPT-2 only and are ignored by BERT", file=sys.stderr)
@@ -86,35 +95,53 @@ def get_bert_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def model_provider(args: argparse.Namespace) -> BertModel:
+@dataclass(frozen=True)
+class BertOptions:
+    """BERT's own flags: what a sample looks like and the architecture's variants."""
+
+    sample: BertSampleConfig
+    pre_layernorm: bool = False
+    num_tokentypes: int = 2
+
+
+def bert_options(args: argparse.Namespace) -> BertOptions:
+    masking = MaskingConfig(args.mask_prob, args.random_replace_prob, args.unmask_replace_prob)
+    return BertOptions(BertSampleConfig(args.seq_length, args.seed, args.sentence_head, masking),
+                       pre_layernorm=args.pre_layernorm, num_tokentypes=args.num_tokentypes)
+
+
+def model_provider(run: RunConfig, options: BertOptions) -> BertModel:
     print_rank_0(" building BERT model ...")
+    model_config = run.model
     config = BertConfig(
-        num_layers=args.num_layers, vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, max_sequence_length=args.max_position_embeddings,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        num_tokentypes=args.num_tokentypes, pre_layernorm=args.pre_layernorm,
-        binary_head=args.sentence_head != "none", init_method_std=args.init_method_std,
-        checkpoint_activations=args.checkpoint_activations, checkpoint_num_layers=args.checkpoint_num_layers)
+        num_layers=model_config.num_layers, vocab_size=model_config.padded_vocab_size,
+        hidden_size=model_config.hidden_size, num_attention_heads=model_config.num_attention_heads,
+        max_sequence_length=model_config.max_position_embeddings, hidden_dropout=model_config.hidden_dropout,
+        attention_dropout=model_config.attention_dropout, num_tokentypes=options.num_tokentypes,
+        pre_layernorm=options.pre_layernorm, binary_head=options.sample.sentence_head != "none",
+        init_method_std=model_config.init_method_std, checkpoint_activations=model_config.checkpoint_activations,
+        checkpoint_num_layers=model_config.checkpoint_num_layers)
     model = BertModel(config)
     if mpu.get_data_parallel_rank() == 0:
         count = sum(p.numel() for p in model.parameters())
         print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {count}",
               flush=True)
-    return model.to(args.device)
+    return model.to(run.device)
 
 
-def get_batch(data_iterator: Iterator | None, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+def get_batch(data_iterator: Iterator | None, run: RunConfig) -> dict[str, torch.Tensor]:
     """Read on model-parallel rank 0 and broadcast to its group: ``BATCH_KEYS`` -> int64 tensors."""
     data = next(data_iterator) if mpu.get_model_parallel_rank() == 0 else None
     batch = mpu.broadcast_data(list(BATCH_KEYS), data, torch.int64)
-    return {key: value.to(args.device, non_blocking=True) for key, value in batch.items()}
+    return {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
 
 
-def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, run: RunConfig) -> torch.Tensor:
     """Masked-LM loss over the selected positions (+ the sentence loss) of one micro batch (0-dim fp32)."""
-    batch = get_batch(data_iterator, args)
+    batch = get_batch(data_iterator, run)
     lm_logits, binary_logits = model(batch["text"], batch["padding_mask"], batch["types"])
-    lm_losses = mpu.vocab_parallel_cross_entropy(lm_logits.contiguous(), batch["labels"], vocab_size=args.vocab_size)
+    lm_losses = mpu.vocab_parallel_cross_entropy(lm_logits.contiguous(), batch["labels"],
+                                                 vocab_size=run.model.vocab_size)
     loss_mask = batch["loss_mask"].float()
     loss = torch.sum(lm_losses * loss_mask) / loss_mask.sum().clamp(min=1.0)
     if binary_logits is not None:
@@ -122,12 +149,12 @@ def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: a
     return loss
 
 
-def data_provider(args: argparse.Namespace, consumed_samples: int) -> tuple[Any, Any, Any]:
-    """Loaders on model-parallel rank 0 of each group; ``args.do_valid``/``do_test`` on all ranks."""
-    def build_datasets(args: argparse.Namespace, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
-        return build_bert_datasets(args, build_tokenizer(args), num_samples)
+def data_provider(run: RunConfig, consumed_samples: int, options: BertOptions) -> DataIterators:
+    """Loaders on model-parallel rank 0 of each group (the others get their batches by broadcast)."""
+    def build_datasets(run: RunConfig, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
+        return build_bert_datasets(run.data, options.sample, build_tokenizer(run.data), num_samples)
 
-    return build_data_iterators(args, consumed_samples, build_datasets, build_bert_data_loader)
+    return build_data_iterators(run, consumed_samples, build_datasets, build_bert_data_loader)
 
 
 def _uses_demo(args: argparse.Namespace) -> bool:
@@ -135,21 +162,26 @@ def _uses_demo(args: argparse.Namespace) -> bool:
     return os.path.dirname(os.path.abspath(args.vocab_file)) == demo_dir or "demo" in (args.train_data or [])
 
 
-def resolve_tokenizer(args: argparse.Namespace) -> None:
-    """Build the demo corpus and WordPiece vocabulary if used (once, by whichever rank comes first),
-    then fix the vocabulary sizes on every rank."""
+def load_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
+    """The WordPiece tokenizer; builds the demo corpus and vocabulary first if they are used (once,
+    by whichever rank comes first)."""
     if _uses_demo(args):
         ensure_demo_wordpiece(args.demo_data_dir, WORDPIECE_TYPES[args.tokenizer_type])
-    set_vocab_sizes(args, build_tokenizer(args))
+    return build_tokenizer(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run() -> None:
-        args = get_bert_args(argv)
-        resolve_tokenizer(args)
-        pretrain(args, model_provider, data_provider, forward_step)
+    from arguments import build_run_config
 
-    return run_entry_point(run)
+    def body() -> None:
+        args = get_bert_args(argv)
+        tokenizer = load_tokenizer(args)
+        run = build_run_config(args, tokenizer.vocab_size, tokenizer.eod)
+        options = bert_options(args)
+        pretrain(run, functools.partial(model_provider, options=options),
+                 functools.partial(data_provider, options=options), forward_step)
+
+    return run_entry_point(body)
 
 
 if __name__ == "__main__":

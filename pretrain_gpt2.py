@@ -14,38 +14,29 @@ from typing import Any
 import torch
 
 from megatron import mpu
+from megatron.config import RunConfig
 from megatron.data import build_data_loader, build_train_valid_test_datasets
 from megatron.data.demo import ensure_demo_corpus
-from megatron.model import GPT2Model
+from megatron.model import GPT2Model, build_gpt2_model, lm_loss
 from megatron.model.gpt2_pipe import PipelineDescription, gpt2_pipeline_description
-from megatron.providers import build_data_iterators, exit_process, set_vocab_sizes
-from megatron.tokenizer import build_tokenizer
-from megatron.training import pretrain, print_rank_0, run_entry_point
+from megatron.tokenizer import AbstractTokenizer, build_tokenizer
+from megatron.training.data import DataIterators, build_data_iterators
+from megatron.training.entry import exit_process, run_entry_point
+from megatron.training.log import print_rank_0
+from megatron.training.loop import pretrain
 
 
-def model_provider(args: argparse.Namespace) -> GPT2Model | PipelineDescription:
+def model_provider(run: RunConfig) -> GPT2Model | PipelineDescription:
+    """GPT-2 from ``run.model`` (as pipeline blocks with ``--pipe-parallel-size`` > 1)."""
     print_rank_0(" building GPT2 model ...")
-    if args.pipe_parallel_size > 1:
-        description = gpt2_pipeline_description(
-            num_layers=args.num_layers, vocab_size=args.padded_vocab_size, hidden_size=args.hidden_size,
-            num_attention_heads=args.num_attention_heads, embedding_dropout_prob=args.hidden_dropout,
-            attention_dropout_prob=args.attention_dropout, output_dropout_prob=args.hidden_dropout,
-            max_sequence_length=args.max_position_embeddings, true_vocab_size=args.vocab_size,
-            init_method_std=args.init_method_std)
-        description.extras["batch_fn"] = get_batch_pipe
-        return description
-    model = GPT2Model(num_layers=args.num_layers, vocab_size=args.padded_vocab_size,
-                      hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-                      embedding_dropout_prob=args.hidden_dropout, attention_dropout_prob=args.attention_dropout,
-                      output_dropout_prob=args.hidden_dropout, max_sequence_length=args.max_position_embeddings,
-                      checkpoint_activations=args.checkpoint_activations,
-                      checkpoint_num_layers=args.checkpoint_num_layers, parallel_output=True,
-                      init_method_std=args.init_method_std)
+    if run.parallel.pipe_parallel_size > 1:
+        return gpt2_pipeline_description(run.model)
+    model = build_gpt2_model(run.model)
     if mpu.get_data_parallel_rank() == 0:
         count = sum(p.numel() for p in model.parameters())
         print(f" > number of parameters on model parallel rank {mpu.get_model_parallel_rank()}: {count}",
               flush=True)
-    return model.to(args.device)
+    return model.to(run.device)
 
 
 def get_masks_and_position_ids(tokens: torch.Tensor, eod_token: int, reset_position_ids: bool,
@@ -72,36 +63,36 @@ def get_masks_and_position_ids(tokens: torch.Tensor, eod_token: int, reset_posit
     return attention_mask, loss_mask, position_ids
 
 
-def get_batch(data_iterator: Iterator | None, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+def get_batch(data_iterator: Iterator | None, run: RunConfig) -> tuple[torch.Tensor, ...]:
     """Read on model-parallel rank 0, broadcast to the group, build inputs/labels/masks."""
     data = next(data_iterator) if mpu.get_model_parallel_rank() == 0 else None
-    text = mpu.broadcast_data(["text"], data, torch.int64)["text"].to(args.device, non_blocking=True)
+    text = mpu.broadcast_data(["text"], data, torch.int64)["text"].to(run.device, non_blocking=True)
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
+    training = run.training
     attention_mask, loss_mask, position_ids = get_masks_and_position_ids(
-        tokens, args.eod_token, args.reset_position_ids, args.reset_attention_mask, args.eod_mask_loss)
+        tokens, run.eod_token, training.reset_position_ids, training.reset_attention_mask, training.eod_mask_loss)
     return tokens, labels, loss_mask, attention_mask, position_ids
 
 
-def get_batch_pipe(data_iterator: Iterator | None, args: argparse.Namespace) -> tuple[Any, Any]:
+def get_batch_pipe(data_iterator: Iterator | None, run: RunConfig) -> tuple[Any, Any]:
     """A micro batch for the pipeline engine: ``(tokens, (labels, loss_mask))``."""
-    tokens, labels, loss_mask, _, _ = get_batch(data_iterator, args)
+    tokens, labels, loss_mask, _, _ = get_batch(data_iterator, run)
     return tokens, (labels, loss_mask)
 
 
-def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, args: argparse.Namespace) -> torch.Tensor:
+def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, run: RunConfig) -> torch.Tensor:
     """Mean language-model loss of one micro batch (a 0-dim fp32 tensor)."""
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, args)
+    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, run)
     logits = model(tokens, position_ids, attention_mask)
-    losses = mpu.vocab_parallel_cross_entropy(logits.contiguous(), labels, vocab_size=args.vocab_size)
-    return torch.sum(losses * loss_mask) / loss_mask.sum()
+    return lm_loss(logits, labels, loss_mask, run.model.vocab_size)
 
 
-def data_provider(args: argparse.Namespace, consumed_samples: int) -> tuple[Any, Any, Any]:
-    """Loaders on model-parallel rank 0 of each group; ``args.do_valid``/``do_test`` on all ranks."""
-    def build_datasets(args: argparse.Namespace, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
-        return build_train_valid_test_datasets(args, build_tokenizer(args), num_samples)
+def data_provider(run: RunConfig, consumed_samples: int) -> DataIterators:
+    """Loaders on model-parallel rank 0 of each group (the others get their batches by broadcast)."""
+    def build_datasets(run: RunConfig, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
+        return build_train_valid_test_datasets(run.data, build_tokenizer(run.data), num_samples)
 
-    return build_data_iterators(args, consumed_samples, build_datasets, build_data_loader)
+    return build_data_iterators(run, consumed_samples, build_datasets, build_data_loader)
 
 
 def _uses_demo(args: argparse.Namespace) -> bool:
@@ -110,23 +101,24 @@ def _uses_demo(args: argparse.Namespace) -> bool:
     return bool(in_demo) or "demo" in (args.train_data or [])
 
 
-def resolve_tokenizer(args: argparse.Namespace) -> None:
-    """Build the demo corpus if it is used (once, whichever rank gets there first), then fix the
-    vocabulary sizes on every rank."""
+def load_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
+    """The run's tokenizer; builds the demo corpus first if it is used (once, whichever rank gets
+    there first)."""
     if _uses_demo(args):
         ensure_demo_corpus(args.demo_data_dir)
-    set_vocab_sizes(args, build_tokenizer(args))
+    return build_tokenizer(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from arguments import get_args
+    from arguments import build_run_config, get_args
 
-    def run() -> None:
+    def body() -> None:
         args = get_args(argv)
-        resolve_tokenizer(args)
-        pretrain(args, model_provider, data_provider, forward_step)
+        tokenizer = load_tokenizer(args)
+        run = build_run_config(args, tokenizer.vocab_size, tokenizer.eod)
+        pretrain(run, model_provider, data_provider, forward_step, pipeline_batch=get_batch_pipe)
 
-    return run_entry_point(run)
+    return run_entry_point(body)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 The implementations live in the ``megatron`` package; this module only re-exports them.
 """
 
-from megatron.checkpointing import load_checkpoint, save_checkpoint
-from megatron.rng import get_rng_states, set_rng_states
-from megatron.timers import Timers, memory_report
-from megatron.training import print_rank_0
+from megatron.checkpoint.protocol import load_checkpoint, save_checkpoint
+from megatron.checkpoint.rng import get_rng_states, set_rng_states
+from megatron.training.log import print_rank_0
+from megatron.training.timers import Timers, memory_report
 
 report_memory = memory_report
 

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 @pytest.fixture(scope="session")
 def demo_corpus() -> Path:
     """The built-in demo corpus and tokenizer, built once under data/demo."""
-    from training_helpers import DEMO_DIR
+    from launchers import DEMO_DIR
 
     from megatron.data.demo import ensure_demo_corpus
 

@@ -6,12 +6,13 @@ Loaded as a plugin (``pytest_plugins``) and imported; it has no asserts: PYTEST_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
+
+from megatron.data.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,23 +64,18 @@ def sentences(count: int, seed: int = 0) -> list[str]:
     return documents
 
 
-def data_args(demo_paths: dict[str, Path], **overrides) -> argparse.Namespace:
-    """Parsed data arguments with the demo tokenizer, plus ``seed``; ``overrides`` by dest."""
-    from megatron.data.arguments import add_data_args
+def data_args(demo_paths: dict[str, Path], **overrides) -> DataConfig:
+    """The data flags' defaults with the demo tokenizer and seed 1234; ``overrides`` by field."""
+    from megatron.data.arguments import add_data_args, data_config
 
     args = add_data_args(argparse.ArgumentParser()).parse_args(
         ["--vocab-file", str(demo_paths["vocab"]), "--merge-file", str(demo_paths["merges"])])
-    args.seed = 1234
-    for name, value in overrides.items():
-        setattr(args, name, value)
-    return args
+    return dataclasses.replace(data_config(args, seed=1234), **overrides)
 
 
-def run_tool(script: str, *arguments: str) -> tuple[int, str, str]:
-    """Run ``tools/<script>`` in a subprocess; returns (exit code, stdout, stderr)."""
-    import subprocess
+def run_data_tool(script: str, *arguments: str) -> tuple[int, str, str]:
+    """Run ``tools/<script>`` (``launchers.run_tool``); returns (exit code, stdout, stderr)."""
+    from launchers import run_tool
 
-    completed = subprocess.run([sys.executable, str(ROOT / "tools" / script), *arguments],
-                               capture_output=True, text=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    completed = run_tool(f"tools/{script}", *arguments, check=False)
     return completed.returncode, completed.stdout, completed.stderr

@@ -12,7 +12,7 @@ batch that fits: it runs ``--min-batch`` and twice that, extrapolates peak memor
 batch to ``--memory-cap-mb`` and bisects down until a run fits (a run fits when it exits cleanly
 and its peak memory per rank, CPU RSS or CUDA max allocated, is within the cap; a CUDA
 out-of-memory also means it does not fit). The first ``--warmup-iters`` iterations of every run
-are discarded. FLOPs come from ``megatron.flops``; on CPU the per-rank peak is a matmul measured
+are discarded. FLOPs come from ``megatron.training.flops``; on CPU the per-rank peak is a matmul measured
 here with one rank's threads, scaled by the share of cores a rank gets when ranks outnumber cores.
 
 Writes ``OUT/throughput.json``, ``OUT/throughput.md`` (the tables also go to stdout),
@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,13 +39,14 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from megatron.flops import (  # noqa: E402
+from megatron.launch import free_port  # noqa: E402
+from megatron.mpu.utils import pad_vocab_size  # noqa: E402
+from megatron.training.flops import (  # noqa: E402
     device_peak_tflops,
     hardware_flops_per_token,
     model_flops_per_token,
     utilization,
 )
-from megatron.mpu.utils import pad_vocab_size  # noqa: E402
 
 DEMO = os.path.join(REPO, "data", "demo")
 # name: (layers, hidden, heads, sequence, vocabulary before padding)
@@ -178,12 +178,6 @@ def matrix(args: argparse.Namespace) -> list[list[Config]]:
                     if group:
                         groups.append(group)
     return groups
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def threads_per_rank(ranks: int) -> int:

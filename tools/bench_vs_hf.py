@@ -14,10 +14,10 @@ cannot speed up or slow down another. Paths:
 * ``hf``: ``transformers.GPT2LMHeadModel`` (SDPA attention) with ``torch.optim.AdamW``, gradient
   clipping at 1.0 as the HF Trainer does, and ``torch.autocast`` for bf16/fp16.
 
-All the project's paths are built as ``megatron/training.py`` builds them (single-rank gloo group,
+All the project's paths are built as ``megatron/training/loop.py`` builds them (single-rank gloo group,
 ``mpu.initialize_model_parallel(1)``, ``pretrain_gpt2.model_provider``/``forward_step``). Reports
 tokens/s (median over the timed steps, warm-up discarded), model TFLOP/s
-(``megatron.flops.model_flops_per_token``), MFU against a known GPU's data-sheet peak (else a
+(``megatron.training.flops.model_flops_per_token``), MFU against a known GPU's data-sheet peak (else a
 matmul peak measured on the spot for each precision), and the ratio to Hugging Face in the same
 precision. Prints a Markdown table and writes ``bench_out/bench_vs_hf.json``. A benchmark: it
 never fails on a timing.
@@ -41,7 +41,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from megatron.flops import model_flops_per_token, table_peak_tflops  # noqa: E402
+from megatron.training.flops import model_flops_per_token, table_peak_tflops  # noqa: E402
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("megatron", "megatron-compile", "deepspeed-zero0", "deepspeed-zero1", "hf")
@@ -131,7 +131,9 @@ def time_steps(step: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],
     return times
 
 
-def megatron_args(opts: argparse.Namespace, precision: str, path: str, config_dir: str) -> argparse.Namespace:
+def megatron_run_config(opts: argparse.Namespace, precision: str, path: str, config_dir: str) -> Any:
+    """The ``RunConfig`` of one project path (flags checked as ``arguments.py`` checks them, without
+    the data checks: batches are fed directly, no corpus is read)."""
     import arguments
 
     argv = ["--num-layers", str(opts.num_layers), "--hidden-size", str(opts.hidden_size),
@@ -150,35 +152,27 @@ def megatron_args(opts: argparse.Namespace, precision: str, path: str, config_di
         with open(config, "w") as handle:
             json.dump({"zero_optimization": {"stage": int(path[-1])}}, handle)
         argv += ["--deepspeed", "--deepspeed_config", config]
-    # arguments.validate_args without the data checks: batches are fed directly, no corpus is read.
     args = arguments.build_parser().parse_args(argv)
     for validate in (arguments.validate_model_args, arguments.validate_training_args,
                      arguments.validate_deepspeed_args):
         validate(args)
-    args.lr_decay_iters, args.eval_batch_size = args.train_iters, args.batch_size
-    args.params_dtype = precision
-    return args
+    return arguments.build_run_config(args, vocab_size=opts.vocab_size, eod_token=opts.vocab_size - 1)
 
 
 def run_megatron(opts: argparse.Namespace, precision: str, path: str) -> list[float]:
-    """The training step of ``megatron/training.py`` (``backend.train_step``) on one rank."""
+    """The training step of ``megatron/training/loop.py`` (``backend.train_step``) on one rank."""
     import pretrain_gpt2
-    from megatron import mpu
     from megatron.backends import build_backend
-    from megatron.initialize import initialize_megatron
+    from megatron.launch import initialize_megatron
 
     with tempfile.TemporaryDirectory() as config_dir:
-        args = megatron_args(opts, precision, path, config_dir)
-        initialize_megatron(args)
-        args.padded_vocab_size = mpu.pad_vocab_size(args.vocab_size, args.make_vocab_size_divisible_by,
-                                                    args.model_parallel_size)
-        args.eod_token = args.vocab_size - 1
-        backend = build_backend(pretrain_gpt2.model_provider(args), args)
+        run = megatron_run_config(opts, precision, path, config_dir)
+        initialize_megatron(run.parallel, run.training.seed)
+        backend = build_backend(pretrain_gpt2.model_provider(run), run, pretrain_gpt2.forward_step)
     backend.train()
 
     def step(batch: torch.Tensor) -> None:
-        data = iter([{"text": batch}])
-        backend.train_step(lambda: pretrain_gpt2.forward_step(data, backend.model, args), 1)
+        backend.train_step(iter([{"text": batch}]))
 
     batches = token_batches(opts, opts.warmup_steps + opts.steps)
     return time_steps(step, batches, opts.warmup_steps)

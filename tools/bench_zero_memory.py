@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import sys
+import tempfile
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +30,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron import mpu  # noqa: E402
+from megatron.launch import free_port  # noqa: E402
 
 PAPER_BYTES = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
 
@@ -63,54 +67,56 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def training_args(bench: argparse.Namespace, stage: int) -> argparse.Namespace:
-    from arguments import build_parser, validate_args
+def run_config(bench: argparse.Namespace, stage: int, config_dir: str) -> Any:
+    """The ``RunConfig`` of the measured run: GPT-2 through the DeepSpeed seam at ZeRO ``stage``."""
+    from arguments import build_parser, build_run_config
 
+    config = os.path.join(config_dir, "ds_config.json")
+    with open(config, "w") as handle:
+        json.dump({"zero_optimization": {
+            "stage": stage, "reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000,
+            "stage3_prefetch_bucket_size": 100_000, "stage3_param_persistence_threshold": 0,
+            "stage3_max_live_parameters": 100_000, "stage3_max_reuse_distance": 100_000}}, handle)
     argv = ["--num-layers", str(bench.num_layers), "--hidden-size", str(bench.hidden_size),
             "--num-attention-heads", "8", "--seq-length", str(bench.seq_length),
             "--max-position-embeddings", str(bench.seq_length), "--batch-size", "1",
-            "--train-data", "unused", "--vocab-file", "unused", "--merge-file", "unused",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--deepspeed",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--lr-decay-iters", "10",
+            "--make-vocab-size-divisible-by", "1", "--deepspeed", "--deepspeed_config", config,
             f"--{bench.precision}"]
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.deepspeed_config_dict = {"zero_optimization": {
-        "stage": stage, "reduce_bucket_size": 100_000, "allgather_bucket_size": 100_000,
-        "stage3_prefetch_bucket_size": 100_000, "stage3_param_persistence_threshold": 0,
-        "stage3_max_live_parameters": 100_000, "stage3_max_reuse_distance": 100_000}}
-    args.lr_decay_iters, args.eval_batch_size, args.params_dtype = 10, 1, bench.precision
-    del validate_args
-    return args
+    return build_run_config(build_parser().parse_args(argv), vocab_size=bench.vocab_size,
+                            eod_token=bench.vocab_size - 1)
+
+
+def forward_step(data_iterator: Any, model: torch.nn.Module, run: Any) -> torch.Tensor:
+    tokens = next(data_iterator)
+    logits = model(tokens[:, :-1], None, None)
+    return mpu.vocab_parallel_cross_entropy(logits.float(), tokens[:, 1:]).mean()
 
 
 def measure(bench: argparse.Namespace, stage: int) -> dict[str, float]:
-    from megatron.deepspeed_backend import DeepSpeedBackend
+    from megatron.backends.deepspeed import DeepSpeedBackend
     from megatron.model import GPT2Model
 
-    args = training_args(bench, stage)
-    args.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    args.data_parallel_size, args.world_size = dist.get_world_size(), dist.get_world_size()
+    with tempfile.TemporaryDirectory() as config_dir:
+        run = run_config(bench, stage, config_dir)
+    model_config = run.model
     torch.manual_seed(0)
-    model = GPT2Model(args.num_layers, bench.vocab_size, args.hidden_size, args.num_attention_heads,
-                      0.0, 0.0, 0.0, args.seq_length, False).to(args.device)
+    model = GPT2Model(model_config.num_layers, bench.vocab_size, model_config.hidden_size,
+                      model_config.num_attention_heads, 0.0, 0.0, 0.0, bench.seq_length, False).to(run.device)
     num_params = sum(p.numel() for p in model.parameters())
-    backend = DeepSpeedBackend(model, args)
+    backend = DeepSpeedBackend(model, run, forward_step)
     del model
-    tokens = torch.randint(0, bench.vocab_size, (1, args.seq_length + 1), device=args.device)
-
-    def forward() -> torch.Tensor:
-        logits = backend.model(tokens[:, :-1], None, None)
-        return mpu.vocab_parallel_cross_entropy(logits.float(), tokens[:, 1:]).mean()
-
+    tokens = torch.randint(0, bench.vocab_size, (1, bench.seq_length + 1), device=run.device)
+    batches = itertools.repeat(tokens)
     for _ in range(2):
-        backend.train_step(forward, 1)
-    loss = forward()
+        backend.train_step(batches)
+    loss = forward_step(batches, backend.model, run)
     backend.model.backward(loss)
     del loss
     gc.collect()
     held = live_tensor_bytes([tokens])
     backend.model.step()
-    total = torch.tensor([float(held)], dtype=torch.float64, device=args.device)
+    total = torch.tensor([float(held)], dtype=torch.float64, device=run.device)
     dist.all_reduce(total, op=dist.ReduceOp.MAX)
     n = dist.get_world_size()
     expected = PAPER_BYTES[stage](n) * num_params
@@ -134,12 +140,9 @@ def run_worker(bench: argparse.Namespace) -> None:
 
 
 def launch(bench: argparse.Namespace, ranks: int, stage: int, out_file: str) -> dict:
-    import socket
     import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                "--master_port", str(port), os.path.abspath(__file__), "--worker", "--stages", str(stage),
                "--num-layers", str(bench.num_layers), "--hidden-size", str(bench.hidden_size),

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from megatron.checkpoint_io import (  # noqa: E402
+from megatron.checkpoint.convert import (  # noqa: E402
     Checkpoint,
     read_checkpoint,
     repad_checkpoint,
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="true vocabulary size (default: from --vocab-file, else the padded size)")
         command.add_argument("--vocab-file", default=None, help="tokenizer vocab.json (copied by to-hf)")
         command.add_argument("--merge-file", default=None, help="tokenizer merges.txt (copied by to-hf)")
+    parser.set_defaults(tokenizer_type="GPT2BPETokenizer")  # GPT-2's BPE: --vocab-file + --merge-file
     return parser
 
 

@@ -1,11 +1,15 @@
-"""Command-line arguments of the data pipeline and their start-up validation."""
+"""Command-line arguments of the data pipeline, the ``DataConfig`` they build, and its
+start-up validation."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from megatron.data.builder import CORPORA, parse_data_path, parse_split
+from megatron.data.config import DataConfig
+from megatron.errors import ConfigError
 from megatron.tokenizer import TOKENIZER_TYPES
 
 
@@ -41,42 +45,48 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_files(args: argparse.Namespace) -> None:
+def data_config(args: argparse.Namespace, seed: int) -> DataConfig:
+    """The ``DataConfig`` of parsed flags (every field is a flag of ``add_data_args``)."""
+    names = [field.name for field in dataclasses.fields(DataConfig) if field.name != "seed"]
+    return DataConfig(**{name: getattr(args, name) for name in names}, seed=seed)
+
+
+def _check_files(args: DataConfig) -> None:
     files = (("--vocab-file", args.vocab_file), ("--merge-file", args.merge_file))
-    if getattr(args, "tokenizer_type", "GPT2BPETokenizer") != "GPT2BPETokenizer":
+    if args.tokenizer_type != "GPT2BPETokenizer":
         files = files[:1]  # WordPiece: one vocab.txt, no merges
     for flag, path in files:
         if not path:
-            raise ValueError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}; use "
+            raise ConfigError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}; use "
                              "GPT-2's files or data/demo/gpt2-vocab.json + gpt2-merges.txt from "
                              "`python tools/build_demo_corpus.py`")
         if not os.path.isfile(path) and not _is_demo_tokenizer(args, path):
-            raise ValueError(f"{flag} {path} does not exist; fix the path, or build the demo "
+            raise ConfigError(f"{flag} {path} does not exist; fix the path, or build the demo "
                              "tokenizer with `python tools/build_demo_corpus.py`")
 
 
-def _is_demo_tokenizer(args: argparse.Namespace, path: str) -> bool:
+def _is_demo_tokenizer(args: DataConfig, path: str) -> bool:
     """True for the demo's files, which are built on first use (so may not exist yet)."""
-    demo_dir = os.path.abspath(getattr(args, "demo_data_dir", "data/demo"))
+    demo_dir = os.path.abspath(args.demo_data_dir)
     return os.path.dirname(os.path.abspath(path)) == demo_dir
 
 
-def validate_data_args(args: argparse.Namespace) -> None:
-    """Raise ValueError with the bad value and the fix for any inconsistent data argument."""
+def validate_data_args(args: DataConfig) -> None:
+    """Raise ConfigError with the bad value and the fix for any inconsistent data argument."""
     if not args.train_data and not args.data_path:
-        raise ValueError("no training data: pass --train-data (loose JSON or a corpus name such as "
+        raise ConfigError("no training data: pass --train-data (loose JSON or a corpus name such as "
                          "demo or webtext) or --data-path (prefix of a preprocessed .bin/.idx)")
     if args.train_data and args.data_path:
-        raise ValueError("pass either --train-data or --data-path, not both")
+        raise ConfigError("pass either --train-data or --data-path, not both")
     if args.data_path is not None:
         if not args.data_path:
-            raise ValueError("--data-path needs a prefix or weight/prefix pairs")
+            raise ConfigError("--data-path needs a prefix or weight/prefix pairs")
         parse_data_path(args.data_path)
     parse_split(args.split)
     if args.seq_length <= 0:
-        raise ValueError(f"--seq-length must be positive, got {args.seq_length}")
+        raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
     if args.num_workers < 0:
-        raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}")
+        raise ConfigError(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.tokenizer_type not in TOKENIZER_TYPES:
-        raise ValueError(f"--tokenizer-type {args.tokenizer_type} is not one of {TOKENIZER_TYPES}")
+        raise ConfigError(f"--tokenizer-type {args.tokenizer_type} is not one of {TOKENIZER_TYPES}")
     _check_files(args)

@@ -12,7 +12,6 @@ a resumed run reads exactly the samples the uninterrupted run would have read.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Iterable
@@ -24,6 +23,7 @@ import torch
 
 from megatron.data.builder import parse_split, resolve_corpus, split_bounds
 from megatron.data.cache import build_once
+from megatron.data.config import DataConfig
 from megatron.data.errors import DataError
 from megatron.data.gpt2_dataset import SPLIT_NAMES
 from megatron.data.loose_json import iter_json_texts
@@ -214,35 +214,28 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_corpus(paths: list[str], args: argparse.Namespace, tokenizer: WordPieceTokenizer) -> SentenceCorpus:
+def load_corpus(paths: list[str], data: DataConfig, tokenizer: WordPieceTokenizer) -> SentenceCorpus:
     """Sentences of the loose-JSON files (or corpus names such as ``demo``) in ``paths``."""
     texts = (text for name in paths
-             for text in iter_json_texts(resolve_corpus(name, args), getattr(args, "text_key", "text"),
-                                         getattr(args, "skip_bad_lines", False)))
+             for text in iter_json_texts(resolve_corpus(name, data), data.text_key, data.skip_bad_lines))
     return build_sentence_corpus(texts, tokenizer)
 
 
-def sample_config(args: argparse.Namespace) -> BertSampleConfig:
-    return BertSampleConfig(args.seq_length, args.seed, args.sentence_head,
-                            MaskingConfig(args.mask_prob, args.random_replace_prob, args.unmask_replace_prob))
-
-
-def build_bert_datasets(args: argparse.Namespace, tokenizer: WordPieceTokenizer,
+def build_bert_datasets(data: DataConfig, config: BertSampleConfig, tokenizer: WordPieceTokenizer,
                         num_samples: tuple[int, int, int]) -> tuple[BertDataset | None, ...]:
     """Train/valid/test ``BertDataset``s from ``--train-data`` split by documents with ``--split``
     (or whole, with ``--valid-data``/``--test-data`` as the other splits). A split with no
     documents or 0 requested samples is None. Raises DataError for unusable data."""
-    if getattr(args, "data_path", None):
+    if data.data_path:
         raise DataError("BERT reads loose JSON (--train-data), which keeps sentence and document "
                         "boundaries; --data-path (indexed .bin/.idx) is not supported for BERT yet")
-    config = sample_config(args)
-    corpus = load_corpus(args.train_data, args, tokenizer)
-    separate = [getattr(args, "valid_data", None), getattr(args, "test_data", None)]
+    corpus = load_corpus(data.train_data, data, tokenizer)
+    separate = [data.valid_data, data.test_data]
     if any(separate):
-        corpora = [corpus] + [load_corpus(p, args, tokenizer) if p else None for p in separate]
+        corpora = [corpus] + [load_corpus(p, data, tokenizer) if p else None for p in separate]
         ranges = [(c, 0, c.num_documents) if c is not None else (None, 0, 0) for c in corpora]
     else:
-        bounds = split_bounds(corpus.num_documents, parse_split(getattr(args, "split", "949,50,1")))
+        bounds = split_bounds(corpus.num_documents, parse_split(data.split))
         ranges = [(corpus, bounds[i], bounds[i + 1]) for i in range(3)]
     datasets = []
     for name, (source, first, stop), count in zip(SPLIT_NAMES, ranges, num_samples):

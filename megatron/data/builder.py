@@ -6,7 +6,6 @@ and every check that can fail on the data runs here, before training allocates a
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -14,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron.data.config import DataConfig
 from megatron.data.documents import ConcatDocuments, Documents
 from megatron.data.errors import DataError
 from megatron.data.gpt2_dataset import SPLIT_NAMES, BlendedDataset, GPT2Dataset, blended_counts
 from megatron.data.indexed_dataset import MMapIndexedDataset
 from megatron.data.loose_json import tokenize_cached, tokenize_in_memory
+from megatron.errors import ConfigError
 from megatron.tokenizer import AbstractTokenizer
 
 Dataset = torch.utils.data.Dataset
@@ -32,9 +33,9 @@ def parse_split(split: str) -> list[float]:
     try:
         values = [float(part) for part in parts]
     except ValueError:
-        raise ValueError(f"--split {split!r} must be numbers like 949,50,1") from None
+        raise ConfigError(f"--split {split!r} must be numbers like 949,50,1") from None
     if len(values) > 3 or any(value < 0 for value in values) or sum(values) <= 0:
-        raise ValueError(f"--split {split!r} must be up to three non-negative weights with a "
+        raise ConfigError(f"--split {split!r} must be up to three non-negative weights with a "
                          "positive sum, e.g. 949,50,1")
     values += [0.0] * (3 - len(values))
     return [value / sum(values) for value in values]
@@ -53,29 +54,29 @@ def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
     if len(data_path) == 1:
         return [(1.0, data_path[0])]
     if len(data_path) % 2:
-        raise ValueError(f"--data-path {' '.join(data_path)}: give one prefix, or weight/prefix "
+        raise ConfigError(f"--data-path {' '.join(data_path)}: give one prefix, or weight/prefix "
                          "pairs such as `0.3 A 0.7 B`")
     pairs = []
     for weight, prefix in zip(data_path[::2], data_path[1::2]):
         try:
             value = float(weight)
         except ValueError:
-            raise ValueError(f"--data-path weight {weight!r} is not a number; use pairs such as "
+            raise ConfigError(f"--data-path weight {weight!r} is not a number; use pairs such as "
                              "`0.3 A 0.7 B`") from None
         if value <= 0:
-            raise ValueError(f"--data-path weight {weight} for {prefix} must be positive")
+            raise ConfigError(f"--data-path weight {weight} for {prefix} must be positive")
         pairs.append((value, prefix))
     return pairs
 
 
-def resolve_corpus(name: str, args: argparse.Namespace) -> str:
+def resolve_corpus(name: str, config: DataConfig) -> str:
     """A registered corpus name (``webtext``, ``demo``) to its file; other values are paths."""
     if name == "demo":
         from megatron.data.demo import ensure_demo_corpus
 
-        return str(ensure_demo_corpus(getattr(args, "demo_data_dir", "data/demo"))["data"])
+        return str(ensure_demo_corpus(config.demo_data_dir)["data"])
     if name in CORPORA:
-        return os.path.join(getattr(args, "data_dir", "data"), CORPORA[name])
+        return os.path.join(config.data_dir, CORPORA[name])
     return name
 
 
@@ -94,17 +95,15 @@ def _check_vocab(documents: Documents, tokenizer: AbstractTokenizer, source: str
                         "tools/preprocess_data.py with these")
 
 
-def _load_json_documents(paths: list[str], args: argparse.Namespace,
+def _load_json_documents(paths: list[str], config: DataConfig,
                          tokenizer: AbstractTokenizer) -> Documents:
     """Tokenised documents of the loose-JSON ``paths`` (cached with ``--lazy-loader``)."""
-    options = {"text_key": getattr(args, "text_key", "text"),
-               "skip_bad_lines": getattr(args, "skip_bad_lines", False)}
+    options = {"text_key": config.text_key, "skip_bad_lines": config.skip_bad_lines}
     parts = []
     for name in paths:
-        path = resolve_corpus(name, args)
-        if getattr(args, "lazy_loader", False):
-            parts.append(tokenize_cached(path, tokenizer, cache_dir=getattr(args, "cache_dir", None),
-                                         **options))
+        path = resolve_corpus(name, config)
+        if config.lazy_loader:
+            parts.append(tokenize_cached(path, tokenizer, cache_dir=config.cache_dir, **options))
         else:
             parts.append(tokenize_in_memory(path, tokenizer, **options))
     documents = parts[0] if len(parts) == 1 else ConcatDocuments(parts)
@@ -113,21 +112,19 @@ def _load_json_documents(paths: list[str], args: argparse.Namespace,
 
 
 def _make(name: str, documents: Documents, first: int, stop: int, num_samples: int,
-          args: argparse.Namespace, cache_dir: str | os.PathLike | None) -> GPT2Dataset | None:
+          config: DataConfig, cache_dir: str | os.PathLike | None) -> GPT2Dataset | None:
     if num_samples <= 0 or stop <= first:
         return None
-    return GPT2Dataset(name, documents, first, stop, num_samples, args.seq_length,
-                       getattr(args, "seed", 1234), cache_dir)
+    return GPT2Dataset(name, documents, first, stop, num_samples, config.seq_length, config.seed, cache_dir)
 
 
-def _from_loose_json(args: argparse.Namespace, tokenizer: AbstractTokenizer,
+def _from_loose_json(args: DataConfig, tokenizer: AbstractTokenizer,
                      num_samples: tuple[int, int, int]) -> tuple[Dataset | None, ...]:
-    lazy = getattr(args, "lazy_loader", False)
-    cache_dir = getattr(args, "cache_dir", None)
+    cache_dir = args.cache_dir
     sample_cache = (Path(cache_dir) if cache_dir else Path(resolve_corpus(args.train_data[0], args))
-                    .resolve().parent / "sample-index-cache") if lazy else None
+                    .resolve().parent / "sample-index-cache") if args.lazy_loader else None
     train_docs = _load_json_documents(args.train_data, args, tokenizer)
-    separate = [getattr(args, "valid_data", None), getattr(args, "test_data", None)]
+    separate = [args.valid_data, args.test_data]
     if any(separate):
         _log("--valid-data/--test-data given: --train-data is used whole and --split is ignored")
         datasets = [_make("train", train_docs, 0, len(train_docs.sizes), num_samples[0], args,
@@ -137,15 +134,15 @@ def _from_loose_json(args: argparse.Namespace, tokenizer: AbstractTokenizer,
             datasets.append(_make(name, docs, 0, len(docs.sizes), count, args, sample_cache)
                             if docs is not None else None)
         return tuple(datasets)
-    bounds = split_bounds(len(train_docs.sizes), parse_split(getattr(args, "split", "949,50,1")))
+    bounds = split_bounds(len(train_docs.sizes), parse_split(args.split))
     return tuple(_make(name, train_docs, bounds[i], bounds[i + 1], num_samples[i], args, sample_cache)
                  for i, name in enumerate(SPLIT_NAMES))
 
 
-def _from_indexed(args: argparse.Namespace, tokenizer: AbstractTokenizer,
+def _from_indexed(args: DataConfig, tokenizer: AbstractTokenizer,
                   num_samples: tuple[int, int, int]) -> tuple[Dataset | None, ...]:
     weighted = parse_data_path(args.data_path)
-    fractions = parse_split(getattr(args, "split", "949,50,1"))
+    fractions = parse_split(args.split)
     weights = [weight for weight, _ in weighted]
     # Samples each dataset must serve per split (at least one, so a blend never lacks a part).
     counts = [[max(c, 1 if n > 0 else 0) for c in blended_counts(weights, n)] for n in num_samples]
@@ -153,7 +150,7 @@ def _from_indexed(args: argparse.Namespace, tokenizer: AbstractTokenizer,
     for position, (_, prefix) in enumerate(weighted):
         documents = MMapIndexedDataset(prefix)
         _check_vocab(documents, tokenizer, f"{prefix}.bin")
-        cache_dir = Path(getattr(args, "cache_dir", None) or Path(prefix).resolve().parent)
+        cache_dir = Path(args.cache_dir or Path(prefix).resolve().parent)
         cache_dir = cache_dir / f"{Path(prefix).name}.index-cache"
         bounds = split_bounds(len(documents.sizes), fractions)
         per_prefix.append([_make(name, documents, bounds[i], bounds[i + 1], counts[i][position],
@@ -174,7 +171,7 @@ def _from_indexed(args: argparse.Namespace, tokenizer: AbstractTokenizer,
 
 
 def build_train_valid_test_datasets(
-        args: argparse.Namespace, tokenizer: AbstractTokenizer,
+        args: DataConfig, tokenizer: AbstractTokenizer,
         train_valid_test_num_samples: tuple[int, int, int],
 ) -> tuple[Dataset | None, Dataset | None, Dataset | None]:
     """Train/valid/test datasets of ``{"text": int64[seq_length + 1]}`` samples.
@@ -182,14 +179,14 @@ def build_train_valid_test_datasets(
     Uses ``--data-path`` (indexed, possibly a weighted blend) if given, else ``--train-data``
     (loose JSON). A split that gets no documents or 0 requested samples is None. Sample ``i``
     does not depend on ``train_valid_test_num_samples`` (see ``GPT2Dataset``). Raises
-    ``ValueError`` subclasses for bad data.
+    ``ConfigError`` subclasses for bad data.
     """
-    if getattr(args, "data_path", None):
+    if args.data_path:
         datasets = _from_indexed(args, tokenizer, train_valid_test_num_samples)
-    elif getattr(args, "train_data", None):
+    elif args.train_data:
         datasets = _from_loose_json(args, tokenizer, train_valid_test_num_samples)
     else:
-        raise ValueError("no training data: pass --train-data (loose JSON file or corpus name such "
+        raise ConfigError("no training data: pass --train-data (loose JSON file or corpus name such "
                          "as demo or webtext) or --data-path (prefix of a preprocessed .bin/.idx)")
     sizes = ", ".join(f"{name} {len(d) if d is not None else 0}" for name, d in zip(SPLIT_NAMES, datasets))
     _log(f"datasets built: {sizes} samples of {args.seq_length + 1} tokens")

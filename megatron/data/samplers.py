@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from megatron.data.errors import DataError
+
 
 class MegatronPretrainingSampler:
     """Yields this rank's micro batch (a list of sample indices) per global batch."""
@@ -21,7 +23,7 @@ class MegatronPretrainingSampler:
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
                  data_parallel_rank: int, data_parallel_size: int, drop_last: bool = True) -> None:
         if total_samples <= 0:
-            raise ValueError(f"no samples to draw from (total_samples={total_samples})")
+            raise DataError(f"no samples to draw from (total_samples={total_samples})")
         if micro_batch_size <= 0:
             raise ValueError(f"--micro-batch-size must be positive, got {micro_batch_size}")
         if not 0 <= data_parallel_rank < data_parallel_size:
@@ -29,8 +31,8 @@ class MegatronPretrainingSampler:
                              f"[0, {data_parallel_size})")
         # consumed == total: a finished run relaunched (automatic resume) draws nothing more.
         if not 0 <= consumed_samples <= total_samples:
-            raise ValueError(f"consumed samples {consumed_samples} must be in [0, {total_samples}]; "
-                             "raise --train-iters to train past the end of the data")
+            raise DataError(f"consumed samples {consumed_samples} must be in [0, {total_samples}]; "
+                            "raise --train-iters to train past the end of the data")
         self.total_samples, self.consumed_samples = total_samples, consumed_samples
         self.micro_batch_size, self.drop_last = micro_batch_size, drop_last
         self.global_batch_size = micro_batch_size * data_parallel_size

@@ -17,11 +17,13 @@ from torch import nn
 
 from megatron import mpu
 
+from .language_model import parallel_lm_logits
 from .transformer import (
     LAYERNORM_EPSILON,
     InitMethod,
     ParallelMLP,
     ParallelSelfAttention,
+    default_activation_checkpointing,
     init_method_normal,
     scaled_init_method,
 )
@@ -96,8 +98,9 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """``BertLayer``s (recomputed in backward through ``mpu.checkpoint`` when asked), then the final
-    LayerNorm of the pre-LayerNorm variant."""
+    """``BertLayer``s (recomputed in backward through ``activation_checkpointing.checkpoint`` when
+    asked; see ``use_activation_checkpointing``), then the final LayerNorm of the pre-LayerNorm
+    variant."""
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -108,6 +111,7 @@ class BertEncoder(nn.Module):
                                 if config.pre_layernorm else None)
         self.checkpoint_activations = config.checkpoint_activations
         self.checkpoint_num_layers = config.checkpoint_num_layers
+        self.activation_checkpointing = default_activation_checkpointing()
 
     def _run_layers(self, start: int, end: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         def run(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -119,9 +123,10 @@ class BertEncoder(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            checkpoint = self.activation_checkpointing.checkpoint
             for start in range(0, len(self.layers), self.checkpoint_num_layers):
                 end = min(start + self.checkpoint_num_layers, len(self.layers))
-                hidden_states = mpu.checkpoint(self._run_layers(start, end), hidden_states, attention_mask)
+                hidden_states = checkpoint(self._run_layers(start, end), hidden_states, attention_mask)
         else:
             hidden_states = self._run_layers(0, len(self.layers))(hidden_states, attention_mask)
         return hidden_states if self.final_layernorm is None else self.final_layernorm(hidden_states)
@@ -146,9 +151,7 @@ class BertLMHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, word_embedding_weight: torch.Tensor) -> torch.Tensor:
         hidden_states = self.layernorm(F.gelu(self.dense(hidden_states)))
-        hidden_parallel = mpu.copy_to_model_parallel_region(hidden_states)
-        logits = F.linear(hidden_parallel, word_embedding_weight, self.bias)  # (b, s, v / mp)
-        return logits if self.parallel_output else mpu.gather_from_model_parallel_region(logits)
+        return parallel_lm_logits(hidden_states, word_embedding_weight, self.parallel_output, self.bias)
 
 
 class BertBinaryHead(nn.Module):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron import mpu
-
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .language_model import parallel_lm_logits
 from .transformer import ParallelTransformer, build_gpt2_embeddings, draw_init_seed
 
 
@@ -18,6 +19,14 @@ class GPT2Model(nn.Module):
     ``mpu.vocab_parallel_cross_entropy``), else ``(b, s, padded_vocab)`` on every rank.
     ``attention_mask`` is None (plain causal) or ``(1 or b, 1, s, s)`` with ones where a token may
     attend.
+
+    Incremental decoding: with ``kv_cache`` (``KVCache.empty(num_layers)``, filled in place) the
+    ``s`` tokens follow the ``past = kv_cache.length`` cached ones; position ids default to
+    ``past .. past + s - 1``, attention is causal over cached + new keys, and ``attention_mask``
+    may be ``(b, 1, s, past + s)`` booleans (True where a token may attend), e.g. to hide padding.
+    The logits equal those of the uncached forward over the whole sequence at the new positions.
+    ``last_logits_only`` returns the last position's logits only, ``(b, 1, ...)``: the vocabulary
+    projection of a whole prompt is most of a prompt's cost at GPT-2's vocabulary.
     """
 
     def __init__(
@@ -53,20 +62,44 @@ class GPT2Model(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        last_logits_only: bool = False,
     ) -> torch.Tensor:
         if position_ids is None:
-            position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
+            position_ids = self._default_position_ids(input_ids, kv_cache)
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        hidden_states = self.transformer(self.embedding_dropout(embeddings), attention_mask)
+        hidden_states = self.transformer(self.embedding_dropout(embeddings), attention_mask, kv_cache)
+        if last_logits_only:
+            hidden_states = hidden_states[:, -1:]  # decoding a prompt needs no other position's logits
         return self.logits(hidden_states)
+
+    def _default_position_ids(self, input_ids: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+        """``(1, s)``: ``past .. past + s - 1`` after ``past`` cached positions."""
+        past = 0 if kv_cache is None else kv_cache.length
+        if past + input_ids.size(1) > self.max_sequence_length:
+            raise ValueError(f"{past} cached + {input_ids.size(1)} new positions exceed max_sequence_length "
+                             f"({self.max_sequence_length}): shorten the input")
+        return torch.arange(past, past + input_ids.size(1), device=input_ids.device).unsqueeze(0)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Project onto the (tied) vocabulary; gathered across ranks unless ``parallel_output``."""
-        hidden_parallel = mpu.copy_to_model_parallel_region(hidden_states)
-        logits_parallel = torch.nn.functional.linear(hidden_parallel, self.word_embeddings.weight)
-        if self.parallel_output:
-            return logits_parallel
-        return mpu.gather_from_model_parallel_region(logits_parallel)
+        return parallel_lm_logits(hidden_states, self.word_embeddings.weight, self.parallel_output)
+
+
+def build_gpt2_model(config: ModelConfig, parallel_output: bool = True) -> GPT2Model:
+    """``GPT2Model`` of ``config`` (training, inference and tools all build it here).
+
+    Call it on every rank of a model-parallel group after ``mpu.initialize_model_parallel``: it
+    draws the same initialisation seed from the default generator on each.
+    """
+    return GPT2Model(
+        num_layers=config.num_layers, vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads, embedding_dropout_prob=config.hidden_dropout,
+        attention_dropout_prob=config.attention_dropout, output_dropout_prob=config.hidden_dropout,
+        max_sequence_length=config.max_position_embeddings, checkpoint_activations=config.checkpoint_activations,
+        checkpoint_num_layers=config.checkpoint_num_layers, parallel_output=parallel_output,
+        init_method_std=config.init_method_std)
 
 
 def gpt2_get_params_for_weight_decay_optimization(module: nn.Module) -> list[dict]:

@@ -10,14 +10,14 @@ tied to the first (last stage). Each block initialises from its own seed (see
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from megatron import mpu
-
+from .config import ModelConfig
+from .language_model import lm_loss, parallel_lm_logits
 from .transformer import (
     LAYERNORM_EPSILON,
     ParallelTransformerLayer,
@@ -46,8 +46,7 @@ class EmbeddingPipe(nn.Module):
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits ``(b, s, padded_vocab / mp)``."""
-        hidden_parallel = mpu.copy_to_model_parallel_region(hidden_states)
-        return torch.nn.functional.linear(hidden_parallel, self.word_embeddings.weight)
+        return parallel_lm_logits(hidden_states, self.word_embeddings.weight, parallel_output=True)
 
 
 class TransformerLayerPipe(ParallelTransformerLayer):
@@ -83,8 +82,7 @@ class PipelineLoss:
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         targets, loss_mask = labels
-        losses = mpu.vocab_parallel_cross_entropy(logits.contiguous(), targets, vocab_size=self.vocab_size)
-        return torch.sum(losses * loss_mask) / loss_mask.sum()
+        return lm_loss(logits, targets, loss_mask, self.vocab_size)
 
 
 @dataclass
@@ -104,25 +102,24 @@ class PipelineDescription:
 
     blocks: list[PipeBlock]
     loss_fn: Callable[..., torch.Tensor]
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
-def gpt2_pipeline_description(num_layers: int, vocab_size: int, hidden_size: int, num_attention_heads: int,
-                              embedding_dropout_prob: float, attention_dropout_prob: float,
-                              output_dropout_prob: float, max_sequence_length: int, true_vocab_size: int,
-                              init_method_std: float = 0.02) -> PipelineDescription:
-    """GPT-2 as blocks; call where ``GPT2Model`` would be built (it draws the same init seed)."""
+def gpt2_pipeline_description(config: ModelConfig) -> PipelineDescription:
+    """GPT-2 of ``config`` as blocks; call where ``build_gpt2_model`` would be (it draws the same
+    init seed, so the pipelined model starts from the same weights)."""
     init_seed = draw_init_seed()
-    embedding = dict(vocab_size=vocab_size, hidden_size=hidden_size, max_sequence_length=max_sequence_length,
-                     embedding_dropout_prob=embedding_dropout_prob, init_method_std=init_method_std,
+    embedding = dict(vocab_size=config.padded_vocab_size, hidden_size=config.hidden_size,
+                     max_sequence_length=config.max_position_embeddings,
+                     embedding_dropout_prob=config.hidden_dropout, init_method_std=config.init_method_std,
                      init_seed=init_seed)
     blocks = [PipeBlock(EmbeddingPipe, embedding, tied_key="embed", tied_weight_attr="word_embeddings.weight")]
-    for index in range(num_layers):
+    for index in range(config.num_layers):
         blocks.append(PipeBlock(TransformerLayerPipe, dict(
-            index=index, num_layers=num_layers, hidden_size=hidden_size, num_attention_heads=num_attention_heads,
-            attention_dropout_prob=attention_dropout_prob, output_dropout_prob=output_dropout_prob,
-            init_method_std=init_method_std, init_seed=init_seed)))
-    blocks.append(PipeBlock(FinalLayerNormPipe, dict(hidden_size=hidden_size)))
+            index=index, num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads, attention_dropout_prob=config.attention_dropout,
+            output_dropout_prob=config.hidden_dropout, init_method_std=config.init_method_std,
+            init_seed=init_seed)))
+    blocks.append(PipeBlock(FinalLayerNormPipe, dict(hidden_size=config.hidden_size)))
     blocks.append(PipeBlock(EmbeddingPipe, embedding, tied_key="embed", tied_weight_attr="word_embeddings.weight",
                             forward_fn=embedding_output))
-    return PipelineDescription(blocks, PipelineLoss(true_vocab_size))
+    return PipelineDescription(blocks, PipelineLoss(config.vocab_size))

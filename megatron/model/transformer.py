@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +17,41 @@ from torch import nn
 
 from megatron import mpu
 
+from .kv_cache import KVCache, LayerKVCache
+
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 LAYERNORM_EPSILON = 1e-5
+
+
+@dataclass(frozen=True)
+class ActivationCheckpointing:
+    """The checkpoint function a model recomputes activations with, and the RNG tracker its
+    model-parallel dropout draws from (the one that function replays).
+
+    The two come as a pair: a checkpoint function restores the states of its own tracker only, so
+    dropout drawn from another tracker would differ between forward and recomputation.
+    """
+
+    checkpoint: Callable[..., Any]  # called as checkpoint(function, *tensor_args), like mpu.checkpoint
+    rng_tracker: Any  # has fork(), get_states(), set_states(), like mpu.get_cuda_rng_tracker()
+
+    def __deepcopy__(self, memo: dict) -> ActivationCheckpointing:
+        # The tracker is the process's one model-parallel generator (saved in checkpoints): a copied
+        # model must draw from it too, not from a private copy.
+        return self
+
+
+def default_activation_checkpointing() -> ActivationCheckpointing:
+    """``mpu.checkpoint`` and ``mpu.get_cuda_rng_tracker()``: what every module holds when built."""
+    return ActivationCheckpointing(mpu.checkpoint, mpu.get_cuda_rng_tracker())
+
+
+def use_activation_checkpointing(model: nn.Module, functions: ActivationCheckpointing) -> None:
+    """Hand ``functions`` to every submodule of ``model`` that checkpoints or draws model-parallel
+    dropout (those holding an ``activation_checkpointing`` attribute), e.g. DeepSpeed's pair."""
+    for module in model.modules():
+        if isinstance(getattr(module, "activation_checkpointing", None), ActivationCheckpointing):
+            module.activation_checkpointing = functions
 
 
 def draw_init_seed() -> int:
@@ -48,8 +83,30 @@ def scaled_init_method(std: float, num_layers: int) -> InitMethod:
     return init_method_normal(std / math.sqrt(2.0 * num_layers))
 
 
+def _sdpa_mask(attention_mask: torch.Tensor | None, new: int, past: int,
+               device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """``(attn_mask, is_causal)`` for ``new`` queries after ``past`` cached keys.
+
+    A given mask (ones/True where a query may attend) is used as it is. Otherwise attention is
+    causal: query ``i`` sits at absolute position ``past + i`` and sees keys ``0 .. past + i``.
+    """
+    if attention_mask is not None:
+        return attention_mask.to(torch.bool), False
+    if past == 0:
+        return None, True  # SDPA's own causal path, exactly as without a cache
+    if new == 1:
+        return None, False  # one new position sees every key
+    return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False
+
+
 class ParallelSelfAttention(nn.Module):
-    """Causal multi-head self-attention with heads split across model-parallel ranks."""
+    """Causal multi-head self-attention with heads split across model-parallel ranks.
+
+    ``forward(hidden_states (b, s, h), attention_mask, kv_cache)``: ``attention_mask`` is None
+    (causal) or booleans/ones where a query may attend, ``(b or 1, 1, s, past + s)``. With a
+    ``kv_cache`` (``LayerKVCache`` holding ``past`` positions) the ``s`` new positions attend to
+    the cached keys and their own, and are appended to the cache.
+    """
 
     def __init__(
         self,
@@ -74,22 +131,32 @@ class ParallelSelfAttention(nn.Module):
             hidden_size, hidden_size, input_is_parallel=True, init_method=output_layer_init_method
         )
         self.output_dropout = nn.Dropout(output_dropout_prob)
+        self.activation_checkpointing = default_activation_checkpointing()
 
     def _split_heads(self, tensor: torch.Tensor) -> torch.Tensor:
         b, s, _ = tensor.shape
         tensor = tensor.view(b, s, self.num_attention_heads_per_partition, self.hidden_size_per_attention_head)
         return tensor.transpose(1, 2)  # (b, np, s, hn)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
         mixed = self.query_key_value(hidden_states)  # (b, s, 3 h / mp)
         query, key, value = (self._split_heads(t) for t in mpu.split_tensor_along_last_dim(mixed, 3))
+        past = 0
+        if kv_cache is not None:
+            past = kv_cache.length
+            key, value = kv_cache.append(key, value)  # (b, np, past + s, hn)
+        mask, is_causal = _sdpa_mask(attention_mask, query.size(2), past, query.device)
         dropout_p = self.attention_dropout_prob if self.training else 0.0
-        mask = None if attention_mask is None else attention_mask.to(torch.bool)
-        # The probabilities belong to this rank's heads: draw their dropout from the mp generator.
-        with mpu.get_cuda_rng_tracker().fork():
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
-            )  # (b, np, s, hn)
+        if dropout_p == 0.0:
+            # Nothing is drawn: skip swapping generator states (per layer, per decoded token).
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=is_causal)
+        else:
+            # The probabilities belong to this rank's heads: draw their dropout from the mp generator.
+            with self.activation_checkpointing.rng_tracker.fork():
+                context = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+                )  # (b, np, s, hn)
         b, _, s, _ = context.shape
         context = context.transpose(1, 2).reshape(b, s, self.hidden_size_per_partition)
         return self.output_dropout(self.dense(context))
@@ -140,8 +207,10 @@ class ParallelTransformerLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPSILON)
         self.mlp = ParallelMLP(hidden_size, output_dropout_prob, init_method, output_layer_init_method)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        hidden_states = hidden_states + self.attention(self.input_layernorm(hidden_states), attention_mask)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        attention = self.attention(self.input_layernorm(hidden_states), attention_mask, kv_cache)
+        hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -191,8 +260,9 @@ class ParallelTransformer(nn.Module):
     """A stack of ``ParallelTransformerLayer`` and the final LayerNorm.
 
     With ``checkpoint_activations`` each group of ``checkpoint_num_layers`` layers is recomputed
-    in backward through ``mpu.checkpoint`` (looked up at call time, so DeepSpeed's activation
-    checkpointing can replace it).
+    in backward through ``activation_checkpointing.checkpoint`` (``mpu.checkpoint`` unless
+    ``use_activation_checkpointing`` hands in another, e.g. DeepSpeed's). With a ``kv_cache``
+    (inference) layer ``i`` reads and extends ``kv_cache.layers[i]``; nothing is recomputed.
     """
 
     def __init__(
@@ -217,6 +287,7 @@ class ParallelTransformer(nn.Module):
             for index in range(num_layers)
         )
         self.final_layernorm = nn.LayerNorm(hidden_size, eps=LAYERNORM_EPSILON)
+        self.activation_checkpointing = default_activation_checkpointing()
 
     def _run_layers(self, start: int, end: int) -> Callable[..., torch.Tensor]:
         def run(hidden_states: torch.Tensor, *attention_mask: torch.Tensor) -> torch.Tensor:
@@ -227,13 +298,26 @@ class ParallelTransformer(nn.Module):
 
         return run
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _run_cached(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                    kv_cache: KVCache) -> torch.Tensor:
+        if len(kv_cache.layers) != len(self.layers):
+            raise ValueError(f"the KV cache has {len(kv_cache.layers)} layers but the model {len(self.layers)}: "
+                             f"build it with KVCache.empty({len(self.layers)})")
+        for layer, layer_cache in zip(self.layers, kv_cache.layers):
+            hidden_states = layer(hidden_states, attention_mask, layer_cache)
+        return hidden_states
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         # A None mask is left out of the arguments: checkpoint functions save tensors only.
         mask_args = () if attention_mask is None else (attention_mask,)
-        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+        if kv_cache is not None:
+            hidden_states = self._run_cached(hidden_states, attention_mask, kv_cache)
+        elif self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            checkpoint = self.activation_checkpointing.checkpoint
             for start in range(0, len(self.layers), self.checkpoint_num_layers):
                 end = min(start + self.checkpoint_num_layers, len(self.layers))
-                hidden_states = mpu.checkpoint(self._run_layers(start, end), hidden_states, *mask_args)
+                hidden_states = checkpoint(self._run_layers(start, end), hidden_states, *mask_args)
         else:
             hidden_states = self._run_layers(0, len(self.layers))(hidden_states, *mask_args)
         return self.final_layernorm(hidden_states)

@@ -85,17 +85,29 @@ class _GatherFromModelParallelRegion(torch.autograd.Function):
         return _split(grad_output)
 
 
+# At model-parallel size 1 every mapping is the identity both ways: return the input without an
+# autograd node (a few microseconds per call, a dozen calls per layer per decoded token).
+
+
 def copy_to_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
+    if get_model_parallel_world_size() == 1:
+        return input_
     return _CopyToModelParallelRegion.apply(input_)
 
 
 def reduce_from_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
+    if get_model_parallel_world_size() == 1:
+        return input_
     return _ReduceFromModelParallelRegion.apply(input_)
 
 
 def scatter_to_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
+    if get_model_parallel_world_size() == 1:
+        return input_
     return _ScatterToModelParallelRegion.apply(input_)
 
 
 def gather_from_model_parallel_region(input_: torch.Tensor) -> torch.Tensor:
+    if get_model_parallel_world_size() == 1:
+        return input_
     return _GatherFromModelParallelRegion.apply(input_)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
+from typing import Protocol
 
+from megatron.errors import ConfigError
 from megatron.tokenizer.tokenizer import (
     EOD_TOKEN,
     AbstractTokenizer,
@@ -15,25 +16,34 @@ from megatron.tokenizer.wordpiece import WORDPIECE_TYPES, WordPieceTokenizer
 TOKENIZER_TYPES = ("GPT2BPETokenizer", *WORDPIECE_TYPES)
 
 __all__ = ["EOD_TOKEN", "TOKENIZER_TYPES", "AbstractTokenizer", "GPT2BPETokenizer",
-           "TokenizerFileError", "WordPieceTokenizer", "build_tokenizer"]
+           "TokenizerFileError", "TokenizerSource", "WordPieceTokenizer", "build_tokenizer"]
 
 
-def build_tokenizer(args: argparse.Namespace) -> AbstractTokenizer:
+class TokenizerSource(Protocol):
+    """Where a tokenizer comes from (``DataConfig`` is one): ``--tokenizer-type``, ``--vocab-file``
+    and, for GPT-2's BPE, ``--merge-file``."""
+
+    tokenizer_type: str
+    vocab_file: str | None
+    merge_file: str | None
+
+
+def build_tokenizer(args: TokenizerSource) -> AbstractTokenizer:
     """Tokenizer named by ``args.tokenizer_type`` from ``args.vocab_file``/``args.merge_file``.
 
-    Raises ``ValueError`` (``TokenizerFileError``) when the files are missing or mismatched.
+    Raises ``ConfigError`` (``TokenizerFileError``) when the files are missing or mismatched.
     """
-    tokenizer_type = getattr(args, "tokenizer_type", "GPT2BPETokenizer")
+    tokenizer_type = args.tokenizer_type
     if tokenizer_type in WORDPIECE_TYPES:
         if not args.vocab_file:
-            raise ValueError(f"{tokenizer_type} needs --vocab-file (a BERT vocab.txt; "
+            raise ConfigError(f"{tokenizer_type} needs --vocab-file (a BERT vocab.txt; "
                              "`python tools/train_wordpiece.py` trains one)")
         return WordPieceTokenizer(args.vocab_file, lowercase=WORDPIECE_TYPES[tokenizer_type])
     if tokenizer_type != "GPT2BPETokenizer":
-        raise ValueError(f"--tokenizer-type {tokenizer_type} is not supported; "
+        raise ConfigError(f"--tokenizer-type {tokenizer_type} is not supported; "
                          f"choose one of {', '.join(TOKENIZER_TYPES)}")
     if not args.vocab_file or not args.merge_file:
-        raise ValueError("GPT2BPETokenizer needs --vocab-file and --merge-file (GPT-2's vocab.json "
+        raise ConfigError("GPT2BPETokenizer needs --vocab-file and --merge-file (GPT-2's vocab.json "
                          "and merges.txt, or data/demo/gpt2-vocab.json and data/demo/gpt2-merges.txt "
                          "from `python tools/build_demo_corpus.py`)")
     return GPT2BPETokenizer(args.vocab_file, args.merge_file)

@@ -1,0 +1,173 @@
+"""The DeepSpeed training path: ``deepspeed.initialize`` with our model, optimizer (or the
+config's) and learning-rate schedule; engine backward and step; DeepSpeed's checkpoint files.
+
+The engine owns data-parallel gradient averaging, precision, loss scaling, ZeRO, clipping and
+its checkpoint files; this class adapts it to the ``Backend`` protocol. The configuration it
+gets is already resolved (``megatron.config.RunConfig.deepspeed``). Only this module, the
+pipeline backend, ``arguments.py`` (DeepSpeed's flags) and the offline reader of ZeRO 3
+checkpoints (``megatron.checkpoint.convert``) import deepspeed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron import mpu
+from megatron.backends.base import (
+    ForwardStep,
+    StateCheck,
+    StepResult,
+    average_over_data_parallel,
+    build_lr_scheduler,
+    build_optimizer,
+    maybe_compile,
+)
+from megatron.config import RunConfig
+from megatron.errors import ConfigError
+from megatron.model import (
+    ActivationCheckpointing,
+    default_activation_checkpointing,
+    use_activation_checkpointing,
+)
+from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+
+
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed wrap the existing process group (before anything of it communicates)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+
+
+def activation_checkpointing(run: RunConfig) -> ActivationCheckpointing:
+    """The checkpoint function and RNG tracker the model is handed: ``mpu``'s, or with
+    ``--deepspeed-activation-checkpointing`` DeepSpeed's (partitioned, contiguous or CPU
+    checkpoints), seeded as ``mpu.model_parallel_cuda_manual_seed`` seeds its own."""
+    if not run.deepspeed.activation_checkpointing:
+        return default_activation_checkpointing()
+    import deepspeed
+
+    settings = run.deepspeed
+    init_deepspeed_comm()
+    deepspeed.checkpointing.configure(
+        mpu, deepspeed_config=None, partition_activations=settings.partition_activations,
+        contiguous_checkpointing=settings.contiguous_checkpointing, num_checkpoints=run.model.num_layers,
+        checkpoint_in_cpu=settings.checkpoint_in_cpu, synchronize=settings.synchronize_each_layer,
+        profile=settings.profile_backward)
+    deepspeed.checkpointing.model_parallel_cuda_manual_seed(run.training.seed)
+    return ActivationCheckpointing(deepspeed.checkpointing.checkpoint, deepspeed.checkpointing.get_cuda_rng_tracker())
+
+
+def initialize_engine(model: nn.Module, run: RunConfig, model_parallel_unit: Any) -> tuple[Any, Any, Any]:
+    """``deepspeed.initialize``: returns (engine, its optimizer, its learning-rate scheduler).
+
+    The optimizer is ours (fused AdamW) unless the DeepSpeed config defines one; the schedule is
+    always ours (``AnnealingLR``, driving whichever optimizer the engine ends up with).
+    """
+    import deepspeed
+
+    maybe_compile(model, run)
+    param_groups = gpt2_get_params_for_weight_decay_optimization(model)
+    if run.deepspeed.defines_optimizer:
+        optimizer, model_parameters = None, param_groups
+    else:
+        optimizer, model_parameters = build_optimizer(param_groups, run), None
+    engine, engine_optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model_parameters, args=None,
+        lr_scheduler=lambda opt: build_lr_scheduler(opt, run), mpu=model_parallel_unit,
+        dist_init_required=False, config=run.deepspeed.engine_config())
+    return engine, engine_optimizer, lr_scheduler
+
+
+def step_result(engine: Any, loss: torch.Tensor) -> StepResult:
+    """The outcome of an engine step (the engine decides skips on the host)."""
+    applied = engine.was_step_applied()
+    norm = engine.get_global_grad_norm()
+    return StepResult.from_host(loss, not applied, float(norm) if norm is not None and applied else None)
+
+
+class DeepSpeedEngineBackend:
+    """What the DeepSpeed and pipeline backends share: everything but the step and the model."""
+
+    name = "deepspeed"
+    writes_deepspeed_latest = True
+    run: RunConfig
+    model: Any  # the DeepSpeed engine
+
+    def loss_scale(self) -> float:
+        if not self.run.precision.fp16:
+            return 1.0
+        optimizer = self.model.optimizer
+        scale = getattr(optimizer, "cur_scale", None)  # the attribute depends on the ZeRO stage
+        return float(scale if scale is not None else getattr(optimizer, "loss_scale", 1.0))
+
+    def learning_rate(self) -> float:
+        return float(self.model.get_lr()[0])
+
+    def parameters(self) -> list[torch.Tensor]:
+        """This rank's share of the weights (ZeRO 3 partitions included)."""
+        return [getattr(p, "ds_tensor", p) for p in self.model.module.parameters()]
+
+    def train(self) -> None:
+        self.model.train()
+
+    def eval(self) -> None:
+        self.model.eval()
+
+    def save_state(self, root: str, tag: str, client_state: dict[str, Any]) -> None:
+        """Every rank calls the engine's ``save_checkpoint`` (ZeRO shards are per rank)."""
+        self.model.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+
+    def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
+        """The engine reads and applies in one call, so ``validate`` runs right after it."""
+        directory = os.path.join(root, tag)
+        model_file = self.model._get_ckpt_name(root, tag)  # this rank's file, whatever the mode
+        if not os.path.isfile(model_file):
+            if os.path.isdir(os.path.join(directory, "mp_rank_00")):
+                raise ConfigError(f"{directory} is a Megatron (non-DeepSpeed) checkpoint: drop --deepspeed to "
+                                  "load it, or convert it with tools/convert_checkpoint.py")
+            raise ConfigError(f"{model_file} is missing: the checkpoint was saved with another "
+                              "--model-parallel-size or is incomplete")
+        try:
+            path, state = self.model.load_checkpoint(root, tag=tag, load_optimizer_states=load_optimizer,
+                                                     load_lr_scheduler_states=load_optimizer)
+        except (RuntimeError, OSError, KeyError, EOFError) as error:
+            raise ConfigError(f"DeepSpeed checkpoint {directory} cannot be loaded ({type(error).__name__}: "
+                              f"{str(error)[:300]}); it is corrupt or from another model/ZeRO setup") from None
+        if path is None:
+            raise ConfigError(f"DeepSpeed could not load {directory}")
+        validate(state)
+        return state
+
+
+class DeepSpeedBackend(DeepSpeedEngineBackend):
+    """The engine runs each micro batch's backward and step; it steps the optimizer at the
+    accumulation boundary given in its config."""
+
+    def __init__(self, model: nn.Module, run: RunConfig, forward_step: ForwardStep) -> None:
+        self.run = run
+        self.forward_step = forward_step
+        functions = activation_checkpointing(run)
+        use_activation_checkpointing(model, functions)
+        self.rng_tracker = functions.rng_tracker
+        self.unwrapped_model = model
+        self.model, self.optimizer, self.lr_scheduler = initialize_engine(model, run, mpu)
+
+    def train_step(self, data_iterator: Iterator | None) -> StepResult:
+        num_micro_batches = self.run.training.gradient_accumulation_steps
+        total = torch.zeros((), device=self.run.device)
+        for _ in range(num_micro_batches):
+            loss = self.forward_step(data_iterator, self.model, self.run)
+            self.model.backward(loss)
+            self.model.step()
+            total += loss.detach().float()
+        return step_result(self.model, average_over_data_parallel(total / num_micro_batches))
+
+    def eval_loss(self, data_iterator: Iterator | None) -> torch.Tensor:
+        return self.forward_step(data_iterator, self.model, self.run)

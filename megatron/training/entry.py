@@ -1,0 +1,66 @@
+"""How an entry point ends: the error policy and the process exit.
+
+Only ``ConfigError`` (and its subclasses: data, tokenizer, checkpoint mismatches) is a user
+error: one ``error:`` line on stderr and exit status 2, nothing written. ``TrainingAborted`` (a
+run stopped on purpose) is one line and status 1, as is a failed collective (another rank most
+likely died). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+import torch.distributed as dist
+
+from megatron.errors import ConfigError, TrainingAborted
+
+COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                              "timed out", "Timed out", "NCCL", "gloo")
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistBackendError) or any(marker in text for marker in COLLECTIVE_FAILURE_MARKERS)
+
+
+def run_entry_point(run: Callable[[], None]) -> int:
+    """Run an entry point's body; user errors and aborts become one line on stderr.
+
+    Exit status: 0 done, 2 bad input (nothing was written), 1 training aborted or a collective
+    failed (most likely another rank died: its log has the cause).
+    """
+    rank = os.environ.get("RANK", "0")
+    prefix = "error" if rank == "0" else f"error (rank {rank})"
+    try:
+        run()
+        return 0
+    except ConfigError as error:
+        print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        return 2
+    except TrainingAborted as error:
+        print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as error:  # noqa: BLE001 - collective failures become one line, the rest re-raised
+        if _is_collective_failure(error):
+            print(f"{prefix}: a collective operation failed ({type(error).__name__}: {str(error)[:200]}); "
+                  "another rank most likely died or hung: check the other ranks' logs", file=sys.stderr,
+                  flush=True)
+            return 1
+        raise
+    finally:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - the group may be broken after a failure
+                pass
+
+
+def exit_process(exit_code: int) -> None:
+    """Leave without running C++ static destructors: with gloo and DeepSpeed's CPU communication
+    threads still alive they occasionally abort (SIGABRT) a run that finished correctly.
+    Checkpoints are already fsynced and the process group destroyed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -1,0 +1,51 @@
+"""Stop requests agreed by every rank: SIGTERM, --exit-interval and --exit-duration-in-mins."""
+
+from __future__ import annotations
+
+import signal
+import time
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+from megatron import mpu
+from megatron.config import TrainingConfig
+
+
+class ExitConditions:
+    """Decides, identically on every rank, whether to checkpoint and stop after an iteration.
+
+    A SIGTERM may reach only some ranks, and clocks differ: the flags are combined with a MAX
+    all-reduce, so either every rank stops or none does. Costs one tiny all-reduce per iteration,
+    only when --exit-signal-handler or --exit-duration-in-mins is set.
+    """
+
+    def __init__(self, training: TrainingConfig) -> None:
+        self.exit_interval = training.exit_interval
+        self.deadline = None if training.exit_duration_in_mins is None else \
+            time.monotonic() + 60.0 * training.exit_duration_in_mins
+        self.use_signal = training.exit_signal_handler
+        self.received_signal = False
+        self.reason = ""
+        if self.use_signal:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.received_signal = True
+
+    def should_exit(self, iteration: int) -> bool:
+        if self.exit_interval and iteration % self.exit_interval == 0:
+            self.reason = f"--exit-interval {self.exit_interval}"
+            return True
+        if not self.use_signal and self.deadline is None:
+            return False
+        flags = torch.tensor([float(self.received_signal),
+                              float(self.deadline is not None and time.monotonic() > self.deadline)],
+                             device=mpu.communication_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            self.reason = "SIGTERM"
+        elif flags[1] > 0:
+            self.reason = "--exit-duration-in-mins"
+        return bool(flags.sum() > 0)

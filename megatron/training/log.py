@@ -1,0 +1,97 @@
+"""What a training run tells: rank 0's printed lines, TensorBoard scalars and the experiment record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from typing import Any
+
+import torch.distributed as dist
+
+from megatron.config import RunConfig
+
+
+def print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
+def _git(*command: str) -> str:
+    try:
+        out = subprocess.run(["git", *command], capture_output=True, text=True, timeout=30,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def record_experiment(run: RunConfig) -> None:
+    """Rank 0 writes hparams.json (the whole RunConfig), githash.log and gitdiff.log into
+    ``--exp-dir`` (default ``experiments/gpt2-<timestamp>``)."""
+    if dist.get_rank() != 0:
+        return
+    exp_dir = run.logging.exp_dir or os.path.join("experiments", time.strftime("gpt2-%Y%m%d-%H%M%S"))
+    os.makedirs(exp_dir, exist_ok=True)
+    with open(os.path.join(exp_dir, "hparams.json"), "w") as handle:
+        json.dump(dataclasses.asdict(run), handle, indent=2, default=str)
+    with open(os.path.join(exp_dir, "githash.log"), "w") as handle:
+        handle.write(_git("rev-parse", "HEAD"))
+    with open(os.path.join(exp_dir, "gitdiff.log"), "w") as handle:
+        handle.write(_git("diff", "HEAD"))
+
+
+def build_tensorboard_writer(run: RunConfig) -> Any:
+    """A SummaryWriter on rank 0 with ``--tensorboard-dir``, else None."""
+    if run.logging.tensorboard_dir is None or dist.get_rank() != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=run.logging.tensorboard_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntervalReport:
+    """What one log line reports, averaged over the iterations since the previous one."""
+
+    iteration: int
+    ms_per_iteration: float
+    learning_rate: float
+    loss: float
+    loss_scale: float
+    grad_norm: float | None
+    skipped: int
+    tokens_per_s: float
+    tflops_per_device: float
+    mfu: float | None
+
+
+def log_line(report: IntervalReport, train_iters: int) -> str:
+    """Megatron's iteration line, plus gradient norm, tokens/s, TFLOP/s and MFU."""
+    grad_norm = "n/a" if report.grad_norm is None else f"{report.grad_norm:.3E}"
+    return (f" iteration {report.iteration:8d}/{train_iters:8d} |"
+            f" elapsed time per iteration (ms): {report.ms_per_iteration:.1f} |"
+            f" learning rate {report.learning_rate:.3E} |"
+            f" lm loss {report.loss:.6E} |"
+            f" loss scale {report.loss_scale:.1f} |"
+            f" grad norm {grad_norm} |"
+            f" number of skipped iterations {report.skipped:3d} |"
+            f" tokens/s {report.tokens_per_s:.1f} |"
+            f" TFLOP/s per device {report.tflops_per_device:.3f} |"
+            f" MFU {'n/a' if report.mfu is None else f'{report.mfu:.2%}'} |")
+
+
+def write_scalars(writer: Any, report: IntervalReport) -> None:
+    if writer is None:
+        return
+    step = report.iteration
+    writer.add_scalar("lm loss", report.loss, step)
+    writer.add_scalar("learning rate", report.learning_rate, step)
+    writer.add_scalar("loss scale", report.loss_scale, step)
+    if report.grad_norm is not None:
+        writer.add_scalar("grad norm", report.grad_norm, step)
+    writer.add_scalar("tokens per second", report.tokens_per_s, step)
+    writer.add_scalar("TFLOP/s per device", report.tflops_per_device, step)
+    writer.flush()

@@ -1,0 +1,263 @@
+"""The training loop shared by the Megatron and DeepSpeed paths (and by GPT-2 and BERT).
+
+``pretrain(run, model_provider, data_provider, forward_step)`` runs start-up, training with
+periodic logging, validation and checkpoints, and a final test evaluation. The path-specific
+work happens in the backend (``megatron.backends``), so this loop reads the same for both.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatron.backends import Backend, ForwardStep, PipelineBatchFn, StepResult, build_backend
+from megatron.backends.base import average_over_data_parallel
+from megatron.checkpoint.protocol import load_checkpoint, save_checkpoint
+from megatron.checkpoint.rng import set_rng_states
+from megatron.config import RunConfig
+from megatron.errors import TrainingAborted
+from megatron.launch import initialize_megatron
+from megatron.model.gpt2_pipe import PipelineDescription
+from megatron.training.data import DataIterators, DataProvider
+from megatron.training.exit import ExitConditions
+from megatron.training.flops import device_peak_tflops, model_flops_per_token, utilization
+from megatron.training.log import (
+    IntervalReport,
+    build_tensorboard_writer,
+    log_line,
+    print_rank_0,
+    record_experiment,
+    write_scalars,
+)
+from megatron.training.timers import Timers, memory_report
+
+ModelProvider = Callable[[RunConfig], nn.Module | PipelineDescription]
+
+
+@dataclass
+class TrainState:
+    """Counters of the run. The per-step outcomes (loss, skip, gradient norm) stay 0-dim device
+    tensors and are read on the host only at log intervals and before checkpoints."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iterations: int = 0  # up to the last log line
+    interval_loss: torch.Tensor | None = None  # sum of the applied steps' losses since the last log line
+    interval_iterations: int = 0
+    interval_skipped: torch.Tensor | None = None
+    consecutive_skipped: torch.Tensor | None = None  # the current run of skipped steps
+    longest_skipped_run: torch.Tensor | None = None  # since the last check
+    stopped_early: bool = False
+    last_grad_norm: torch.Tensor | None = None
+    last_skipped: torch.Tensor | None = None
+
+
+class NanInjection:
+    """Test-only hook: MEGATRON_TEST_INJECT_NAN="3,4" or "5-" makes the training loss of those
+    iterations NaN (the trainer sets ``iteration`` around each training step)."""
+
+    def __init__(self, forward_step: ForwardStep, iterations: set[int]) -> None:
+        self.forward_step, self.iterations = forward_step, iterations
+        self.iteration: int | None = None
+
+    @staticmethod
+    def from_environment(forward_step: ForwardStep) -> NanInjection | None:
+        spec = os.environ.get("MEGATRON_TEST_INJECT_NAN", "")
+        iterations: set[int] = set()
+        for part in filter(None, spec.split(",")):
+            if part.endswith("-"):
+                iterations.update(range(int(part[:-1]), 10**7))
+            else:
+                iterations.add(int(part))
+        return NanInjection(forward_step, iterations) if iterations else None
+
+    def __call__(self, data_iterator: Iterator | None, model: nn.Module, run: RunConfig) -> torch.Tensor:
+        loss = self.forward_step(data_iterator, model, run)
+        return loss * float("nan") if self.iteration in self.iterations else loss
+
+
+def evaluate(backend: Backend, data_iterator: Iterator | None, run: RunConfig) -> float:
+    """Mean loss over ``--eval-iters`` batches, averaged over data-parallel ranks."""
+    eval_iters = run.training.eval_iters
+    backend.eval()
+    total = torch.zeros((), device=run.device)
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            total += backend.eval_loss(data_iterator).detach().float()
+    backend.train()
+    return average_over_data_parallel(total / max(eval_iters, 1)).item()
+
+
+def evaluate_and_print_results(prefix: str, backend: Backend, data_iterator: Iterator | None, run: RunConfig,
+                               writer: Any = None, iteration: int = 0) -> float:
+    """Every rank calls it; ranks other than model-parallel rank 0 pass a None iterator."""
+    loss = evaluate(backend, data_iterator, run)
+    ppl = math.exp(min(20.0, loss))
+    line = f" validation loss at {prefix} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+    print_rank_0("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
+    if writer is not None:
+        writer.add_scalar("validation loss", loss, iteration)
+        writer.add_scalar("validation ppl", ppl, iteration)
+    return loss
+
+
+def _accumulate(total: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    return value if total is None else total + value
+
+
+def _record_step(state: TrainState, result: StepResult, run: RunConfig) -> None:
+    """Fold one step's outcome into the counters, on the device (nothing is read here)."""
+    state.iteration += 1
+    state.consumed_samples += run.global_batch_size
+    state.interval_iterations += 1
+    skipped = result.skipped.to(result.loss.device)
+    state.last_grad_norm, state.last_skipped = result.grad_norm, skipped
+    state.interval_skipped = _accumulate(state.interval_skipped, skipped)
+    # where, not a product: a skipped step's loss may be NaN
+    state.interval_loss = _accumulate(state.interval_loss, torch.where(skipped.bool(), 0.0, result.loss))
+    streak = _accumulate(state.consecutive_skipped, torch.ones_like(skipped)) * skipped
+    state.consecutive_skipped = streak
+    state.longest_skipped_run = (streak if state.longest_skipped_run is None
+                                 else torch.maximum(state.longest_skipped_run, streak))
+
+
+def _check_skips(state: TrainState, run: RunConfig) -> None:
+    """Persistent non-finite values stop the run (fp16 overflow is the loss scaler's business).
+
+    Called at log intervals and before every checkpoint (it reads the device), so a run of
+    ``--max-skipped-steps`` skipped steps stops the run before anything is saved after it.
+    """
+    if state.longest_skipped_run is None:
+        return
+    longest = int(state.longest_skipped_run.item())
+    state.longest_skipped_run = state.consecutive_skipped
+    limit = run.training.max_skipped_steps
+    if not run.precision.fp16 and longest >= limit:
+        raise TrainingAborted(
+            f"{longest} consecutive iterations (up to {state.iteration}) had a non-finite "
+            f"loss or gradient norm and were skipped (--max-skipped-steps {limit}); "
+            "no checkpoint was written with them: lower --lr, check the data, or resume from the last checkpoint")
+
+
+def interval_report(state: TrainState, backend: Backend, run: RunConfig, elapsed: float,
+                    peak_tflops: float) -> IntervalReport:
+    """The one place a step's outcome is read on the host (besides checkpoints)."""
+    skipped = int(state.interval_skipped.item()) if state.interval_skipped is not None else 0
+    iterations = max(state.interval_iterations, 1)
+    applied = state.interval_iterations - skipped
+    loss = (state.interval_loss / applied).item() if state.interval_loss is not None and applied else float("nan")
+    last_skipped = state.last_skipped is not None and bool(state.last_skipped.item())
+    grad_norm = None if state.last_grad_norm is None or last_skipped else float(state.last_grad_norm.item())
+    model, seq_length = run.model, run.data.seq_length
+    tokens_per_s = run.global_batch_size * seq_length / max(elapsed / iterations, 1e-9)
+    flops = model_flops_per_token(model.num_layers, model.hidden_size, seq_length, model.padded_vocab_size)
+    world_size = run.parallel.world_size
+    return IntervalReport(
+        iteration=state.iteration, ms_per_iteration=elapsed * 1000.0 / iterations,
+        learning_rate=backend.learning_rate(), loss=loss, loss_scale=backend.loss_scale(), grad_norm=grad_norm,
+        skipped=skipped, tokens_per_s=tokens_per_s, tflops_per_device=tokens_per_s * flops / world_size / 1e12,
+        mfu=utilization(tokens_per_s, flops, world_size, peak_tflops))
+
+
+def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: Any, timers: Timers,
+                  elapsed: float, peak_tflops: float) -> None:
+    report = interval_report(state, backend, run, elapsed, peak_tflops)
+    state.skipped_iterations += report.skipped
+    print_rank_0(log_line(report, run.training.train_iters))
+    write_scalars(writer, report)
+    if run.logging.log_timers:
+        print_rank_0(timers.log_string(["step"], normalizer=state.interval_iterations))
+    if state.iteration == run.logging.log_interval:
+        print_rank_0(memory_report(f"after {state.iteration} iterations"))
+    state.interval_loss, state.interval_iterations, state.interval_skipped = None, 0, None
+
+
+def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
+          nan_injection: NanInjection | None = None) -> TrainState:
+    """Train from ``state`` to ``--train-iters`` (or an exit condition), with periodic logging,
+    validation and checkpoints. Every rank calls it."""
+    training, logging, checkpoint = run.training, run.logging, run.checkpoint
+    timers = Timers(synchronize=logging.log_timers)
+    writer = build_tensorboard_writer(run)
+    exits = ExitConditions(training)
+    peak, source = device_peak_tflops(run.precision.dtype, logging.peak_tflops)  # once (~0.2 s on CPU)
+    print_rank_0(f" > peak TFLOP/s per device for MFU: {peak:.3f} ({source}, {run.precision.dtype})")
+    backend.train()
+    interval_start = time.perf_counter()
+    while state.iteration < training.train_iters:
+        if nan_injection is not None:
+            nan_injection.iteration = state.iteration + 1
+        timers("step").start()
+        result = backend.train_step(data.train)
+        timers("step").stop()
+        if nan_injection is not None:
+            nan_injection.iteration = None
+        _record_step(state, result, run)
+        if state.iteration % logging.log_interval == 0:
+            _check_skips(state, run)
+            _log_interval(state, backend, run, writer, timers, time.perf_counter() - interval_start, peak)
+            interval_start = time.perf_counter()
+        stop = exits.should_exit(state.iteration)
+        if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop):
+            _check_skips(state, run)
+            save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            interval_start = time.perf_counter()
+        if stop:
+            print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
+                         + (", checkpoint saved" if checkpoint.save else ""))
+            state.stopped_early = True
+            break
+        if data.do_valid and state.iteration % training.eval_interval == 0:
+            evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, writer,
+                                       state.iteration)
+            interval_start = time.perf_counter()
+    if not state.stopped_early:
+        _check_skips(state, run)  # before the final checkpoint
+    if writer is not None:
+        writer.close()
+    return state
+
+
+def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
+             forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None = None) -> TrainState:
+    """Start-up, training, checkpoints and evaluation; every rank calls it.
+
+    ``model_provider(run)`` builds the model (a ``PipelineDescription`` when pipelined, whose
+    micro batches ``pipeline_batch`` makes); ``data_provider(run, consumed_samples)`` returns the
+    data iterators; ``forward_step(data_iterator, model, run)`` the loss of one micro batch.
+    """
+    initialize_megatron(run.parallel, run.training.seed)
+    record_experiment(run)
+    nan_injection = NanInjection.from_environment(forward_step)
+    backend = build_backend(model_provider(run), run, nan_injection or forward_step, pipeline_batch)
+    state, rng_states = TrainState(), None
+    if run.checkpoint.load:
+        state.iteration, state.consumed_samples, rng_states = load_checkpoint(run, backend)
+    parallel = run.parallel
+    print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
+                 f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "
+                 f"backend {backend.name}")
+    data = data_provider(run, state.consumed_samples)
+    if rng_states is not None:
+        # Start-up (data loaders, DeepSpeed's pipeline engine) may draw from the generators:
+        # restore the saved streams last, so the next step draws what it drew in the saved run.
+        set_rng_states(rng_states, backend.rng_tracker)
+    if state.iteration < run.training.train_iters:
+        state = train(backend, data, run, state, nan_injection)
+        if state.stopped_early:
+            return state
+        if run.checkpoint.save and state.iteration % run.checkpoint.save_interval != 0:
+            save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+    if data.do_valid:
+        evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",
+                                   backend, data.valid, run)
+    if data.do_test:
+        evaluate_and_print_results("the end of training for test data", backend, data.test, run)
+    return state

@@ -1,0 +1,134 @@
+"""Every user mistake through the real entry point: one line naming the value and the fix,
+exit status 2, no traceback, and no checkpoint already written is touched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from launchers import ENV, REPO, TINY_GPT2, run_script
+
+from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+
+def _digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _run(args: list[str], nprocs: int = 1) -> subprocess.CompletedProcess:
+    """``pretrain_gpt2.py args``: plain python for one process, torchrun for more."""
+    return run_script("pretrain_gpt2.py", args, None if nprocs == 1 else nprocs, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad_input")
+    ckpt = root / "ckpt"
+    done = _run(TINY_GPT2 + ["--batch-size", "2", "--train-iters", "2", "--save", str(ckpt)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    corrupt = root / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    target = corrupt / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 3])
+    (root / "bad.json").write_text("{not json")
+    (root / "merges.txt").write_text("#version: 0.2\nq z\nqz y\n")
+    (root / "not_a_dir").write_text("a file")
+    good = IndexedDatasetBuilder(root / "good_text_document.bin")
+    for start in range(0, 4000, 400):
+        good.add_document(np.arange(start, start + 400) % 7000)
+    good.finalize(root / "good_text_document.idx")
+    truncated = root / "trunc_text_document"
+    shutil.copy(root / "good_text_document.idx", f"{truncated}.idx")
+    (root / "trunc_text_document.bin").write_bytes((root / "good_text_document.bin").read_bytes()[:1000])
+    big = IndexedDatasetBuilder(root / "big_text_document.bin")
+    big.add_document(np.full(2000, 9000))
+    big.finalize(root / "big_text_document.idx")
+    return {"root": root, "ckpt": ckpt, "corrupt": corrupt}
+
+
+def _ds(root: Path, config: dict) -> list[str]:
+    path = root / f"ds_{abs(hash(json.dumps(config, sort_keys=True)))}.json"
+    path.write_text(json.dumps(config))
+    return ["--deepspeed", "--deepspeed_config", str(path)]
+
+
+def _data_path(args: list[str], prefix: Path) -> list[str]:
+    out = list(args)
+    index = out.index("--train-data")
+    out[index: index + 2] = ["--data-path", str(prefix)]
+    return out
+
+
+CASES = {
+    "heads vs model parallel": (lambda w: ["--model-parallel-size", "3"],
+                                "--num-attention-heads (4) must be divisible by --model-parallel-size (3)", 1),
+    "hidden vs heads": (lambda w: ["--hidden-size", "66"], "--hidden-size (66) must be divisible by --num-attention-heads (4)", 1),
+    "world vs model parallel": (lambda w: ["--model-parallel-size", "4"],
+                                "world size (2) is not divisible by --model-parallel-size (4)", 2),
+    "batch vs deepspeed config": (lambda w: _ds(w["root"], {"train_batch_size": 3, "zero_optimization": {"stage": 1}}),
+                                  "train_batch_size must equal --batch-size x gradient accumulation", 1),
+    "missing deepspeed config": (lambda w: ["--deepspeed", "--deepspeed_config", str(w["root"] / "none.json")],
+                                 "none.json' does not exist", 1),
+    "malformed deepspeed config": (lambda w: ["--deepspeed", "--deepspeed_config", str(w["root"] / "bad.json")],
+                                   "is not valid JSON", 1),
+    "zero 2 with pipeline parallelism": (lambda w: ["--pipe-parallel-size", "2"]
+                                         + _ds(w["root"], {"zero_optimization": {"stage": 2}}),
+                                         "ZeRO stage 2", 1),
+    "pipeline without deepspeed": (lambda w: ["--pipe-parallel-size", "2"], "needs --deepspeed", 1),
+    "sequence above positions": (lambda w: ["--seq-length", "64"],
+                                 "--seq-length (64) exceeds --max-position-embeddings (32)", 1),
+    "missing vocabulary": (lambda w: ["--vocab-file", str(w["root"] / "vocab.json")], "vocab.json does not exist", 1),
+    "mismatched merges": (lambda w: ["--merge-file", str(w["root"] / "merges.txt")], "merges.txt", 1),
+    "truncated dataset": (lambda w: ["DATA", str(w["root"] / "trunc_text_document")], "trunc_text_document", 1),
+    "token ids out of range": (lambda w: ["DATA", str(w["root"] / "big_text_document")], "9000", 1),
+    "missing load directory": (lambda w: ["--load", str(w["root"] / "nowhere")], "does not exist", 1),
+    "corrupt checkpoint": (lambda w: ["--load", str(w["corrupt"]), "--save", str(w["corrupt"])],
+                           "is corrupt", 1),
+    "checkpoint of another shape": (lambda w: ["--load", str(w["ckpt"]), "--save", str(w["ckpt"]),
+                                               "--hidden-size", "32"], "hidden_size: checkpoint 64 vs run 32", 1),
+    "checkpoint of another model-parallel size": (lambda w: ["--load", str(w["ckpt"]), "--model-parallel-size", "2"],
+                                                  "model_parallel_size", 2),
+    "unwritable save": (lambda w: ["--save", str(w["root"] / "not_a_dir" / "ckpt")], "is not writable", 1),
+    "zero iterations": (lambda w: ["--train-iters", "0"], "--train-iters must be positive, got 0", 1),
+    "negative batch": (lambda w: ["--batch-size", "-2"], "--batch-size must be positive, got -2", 1),
+    "zero learning rate": (lambda w: ["--lr", "0"], "--lr must be positive, got 0.0", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_clear_line(case: str, workspace: dict[str, Path]) -> None:
+    extra_fn, message, nprocs = CASES[case]
+    extra = extra_fn(workspace)
+    args = TINY_GPT2 + ["--batch-size", "2", "--train-iters", "4"]
+    if extra and extra[0] == "DATA":
+        args, extra = _data_path(args, Path(extra[1])), []
+    before = _digest(workspace["ckpt"]), _digest(workspace["corrupt"])
+    out = _run(args + extra, nprocs)
+    if nprocs == 1:
+        assert out.returncode == 2, f"exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}"
+    else:  # torchrun exits 1 and reports its children's status
+        assert out.returncode != 0 and "(exitcode: 2)" in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert errors and message in errors[0], out.stderr[-3000:]
+    assert f'File "{REPO}' not in out.stderr, "a traceback of our code was printed"
+    assert (_digest(workspace["ckpt"]), _digest(workspace["corrupt"])) == before
+
+
+def test_compile_without_a_compiler_is_one_clear_line(demo_corpus: Path, tmp_path: Path) -> None:
+    """--compile on CPU with no C++ compiler on PATH: told at start-up, not by inductor mid-step."""
+    env = dict(ENV, PATH=str(tmp_path))  # an empty directory: no g++, no clang++
+    out = run_script("pretrain_gpt2.py", [*TINY_GPT2, "--batch-size", "2", "--train-iters", "2", "--compile"],
+                     timeout=300, check=False, env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: --compile on CPU needs a C++ compiler (g++ or clang++) on PATH" in out.stderr
+    assert f'File "{REPO}' not in out.stderr

@@ -1,0 +1,39 @@
+"""The entry-point error policy: only ConfigError is a user error (one line, status 2); a
+stopped run is status 1; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron.data.errors import DataError
+from megatron.errors import ConfigError, TrainingAborted
+from megatron.training.entry import run_entry_point
+
+
+def _raise(error: BaseException):
+    def body() -> None:
+        raise error
+
+    return body
+
+
+def test_user_errors_are_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_entry_point(_raise(ConfigError("--lr must be positive, got -1"))) == 2
+    assert run_entry_point(_raise(DataError("data.json:3 is not JSON"))) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --lr must be positive, got -1",
+                                                    "error: data.json:3 is not JSON"]
+
+
+def test_a_stopped_run_is_status_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_entry_point(_raise(TrainingAborted("5 consecutive iterations were skipped"))) == 1
+    assert "error: 5 consecutive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [ValueError("an internal invariant"), KeyError("model"), AssertionError()])
+def test_other_errors_keep_their_traceback(error: BaseException) -> None:
+    with pytest.raises(type(error)):
+        run_entry_point(_raise(error))
+
+
+def test_success_is_status_0() -> None:
+    assert run_entry_point(lambda: None) == 0
