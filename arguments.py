@@ -205,6 +205,8 @@ def validate_model_args(args: argparse.Namespace) -> None:
     if args.seq_length > args.max_position_embeddings:
         raise ConfigError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                           f"({args.max_position_embeddings}); raise the latter or shorten the sequence")
+    if args.init_method_std < 0:
+        raise ConfigError(f"--init-method-std must be >= 0, got {args.init_method_std}")
     for name in ("hidden_dropout", "attention_dropout"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -236,6 +238,23 @@ def validate_training_args(args: argparse.Namespace) -> None:
                                  ("--hysteresis", args.hysteresis, 1)):
         if value < minimum:
             raise ConfigError(f"{flag} ({value}) must be at least {minimum}")
+    check_optimizer_args(args)
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32 - 1] (NumPy's range), got {args.seed}")
+    if args.fp16 and args.loss_scale is None and not 0 < args.min_scale <= args.initial_loss_scale:
+        raise ConfigError(f"--min-scale ({args.min_scale}) must be positive and at most --initial-loss-scale "
+                          f"({args.initial_loss_scale}) for dynamic loss scaling; e.g. --min-scale 1 "
+                          "--initial-loss-scale 65536")
+
+
+def check_optimizer_args(args: argparse.Namespace) -> None:
+    """AdamW's own bounds (torch raises a bare ValueError for them when the optimizer is built)."""
+    for flag, value in (("--adam-beta1", args.adam_beta1), ("--adam-beta2", args.adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{flag} must be in [0, 1), got {value}")
+    for flag, value in (("--adam-eps", args.adam_eps), ("--weight-decay", args.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
 
 
 def check_compile_toolchain() -> None:
@@ -276,7 +295,11 @@ def validate_pipeline_args(args: argparse.Namespace) -> None:
                                          ("--reset-attention-mask", args.reset_attention_mask)) if on]
     if unsupported:
         raise ConfigError(f"{', '.join(unsupported)} are not supported with --pipe-parallel-size > 1")
-    stage = read_deepspeed_json(args.deepspeed_config).get("zero_optimization", {}).get("stage", 0)
+    if args.eval_batch_size is not None and args.eval_batch_size != args.batch_size:
+        raise ConfigError(f"--eval-batch-size ({args.eval_batch_size}) must equal --batch-size ({args.batch_size}) "
+                          f"with --pipe-parallel-size {args.pipe_parallel_size}: the pipeline stages exchange "
+                          "activations of one micro-batch shape; drop --eval-batch-size")
+    stage = zero_stage(read_deepspeed_json(args.deepspeed_config))
     if stage >= 2:
         raise ConfigError(f"ZeRO stage {stage} ({args.deepspeed_config}) cannot be combined with pipeline "
                           f"parallelism (--pipe-parallel-size {args.pipe_parallel_size}); use ZeRO stage 0 or 1")
@@ -296,7 +319,28 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
     if "scheduler" in config:
         raise ConfigError(f"{path} defines a 'scheduler': remove it, the learning-rate "
                           "schedule comes from --lr, --lr-decay-style, --warmup and --min-lr")
+    check_deepspeed_types(config, path)
     return config
+
+
+def check_deepspeed_types(config: dict[str, Any], path: str) -> None:
+    """The keys this project reads from a DeepSpeed config have the types DeepSpeed documents."""
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
+    for key, example in (("zero_optimization", '{"stage": 1}'), ("fp16", '{"enabled": true}'),
+                         ("bf16", '{"enabled": true}'), ("bfloat16", '{"enabled": true}')):
+        if key in config and not isinstance(config[key], dict):
+            raise ConfigError(f"{path}: {key} must be a JSON object such as {example}, got {config[key]!r}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if str(stage) not in ("0", "1", "2", "3") or isinstance(stage, bool):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    """The ZeRO stage of a checked DeepSpeed config (DeepSpeed also takes "1" for 1)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
 def validate_deepspeed_args(args: argparse.Namespace) -> None:
@@ -428,6 +472,7 @@ def build_run_config(args: argparse.Namespace, vocab_size: int, eod_token: int,
         model=model_config(args, args.vocab_size or vocab_size), data=data_config(args, args.seed),
         parallel=parallel, precision=precision, optimizer=optimizer_config(args),
         training=training_config(args, accumulation), logging=logging_config(args),
-        checkpoint=checkpoint_config(args), deepspeed=deepspeed, eod_token=eod_token)
+        checkpoint=checkpoint_config(args), deepspeed=deepspeed, eod_token=eod_token,
+        flags_json=json.dumps(vars(args), sort_keys=True, default=str))
     warn_pipeline_bubble(run)
     return run

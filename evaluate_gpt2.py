@@ -108,9 +108,18 @@ def total_loss(loaded: InferenceModel, tokens: list[int], args: argparse.Namespa
     return total
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of ``--valid-data``; any other encoding is a user error."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"--valid-data {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "convert it to UTF-8") from None
+
+
 def evaluate_perplexity(loaded: InferenceModel, args: argparse.Namespace) -> dict:
-    with open(args.valid_data[0], encoding="utf-8") as handle:
-        text = handle.read()
+    text = read_text(args.valid_data[0])
     if not args.no_detokenize:
         text = wikitext_detokenize(text)
     tokens = loaded.tokenizer.tokenize(text)
@@ -127,18 +136,17 @@ def evaluate_perplexity(loaded: InferenceModel, args: argparse.Namespace) -> dic
 def read_cloze_examples(path: str, tokenizer: AbstractTokenizer) -> list[tuple[list[int], list[int]]]:
     """(context tokens, last-word tokens) per JSON line ``{"text": ...}``."""
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"].strip()
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise ConfigError(f"{path}:{number} is not a JSON object with a \"text\" string") from None
-            split = text.rfind(" ")
-            if split <= 0:
-                raise ConfigError(f"{path}:{number} has no context before its last word")
-            examples.append((tokenizer.tokenize(text[:split]), tokenizer.tokenize(text[split:])))
+    for number, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"].strip()
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{path}:{number} is not a JSON object with a \"text\" string") from None
+        split = text.rfind(" ")
+        if split <= 0:
+            raise ConfigError(f"{path}:{number} has no context before its last word")
+        examples.append((tokenizer.tokenize(text[:split]), tokenizer.tokenize(text[split:])))
     if not examples:
         raise ConfigError(f"--valid-data {path} holds no examples")
     return examples

@@ -85,10 +85,18 @@ def _interactive_prompts() -> Iterator[str]:
         yield box[0]
 
 
+def _file_prompts(path: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as handle:
+        try:
+            yield from (line.rstrip("\n") for line in handle)
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--sample-input-file {path} is not UTF-8 text ({error.reason}); "
+                              "convert it to UTF-8") from None
+
+
 def prompts(args: argparse.Namespace) -> Iterator[str]:
     if args.sample_input_file:
-        with open(args.sample_input_file, encoding="utf-8") as handle:
-            yield from (line.rstrip("\n") for line in handle)
+        yield from _file_prompts(args.sample_input_file)
     elif args.num_samples:
         yield from ("" for _ in range(args.num_samples))
     else:

@@ -1,7 +1,7 @@
 """Pretrain BERT (masked LM + optional sentence head) on the GPT-2 training loop.
 
 The loop, the Megatron/DeepSpeed seam, checkpoints, logging and reliability features are
-``megatron.training.pretrain``'s; this file supplies the model, the batches and the loss.
+``megatron.training.loop.pretrain``'s; this file supplies the model, the batches and the loss.
 
     torchrun --nproc_per_node 2 pretrain_bert.py --model-parallel-size 2 --train-data demo ...
     deepspeed pretrain_bert.py --deepspeed --deepspeed_config scripts/ds_zero1_config.json ...

@@ -181,6 +181,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     deepspeed: DeepSpeedConfig
     eod_token: int
+    flags_json: str = "{}"  # every parsed flag as given (entry-point flags too), for the experiment record
 
     @property
     def device(self) -> torch.device:

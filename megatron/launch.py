@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
+from megatron.errors import ConfigError
 
 if TYPE_CHECKING:
     from megatron.config import ParallelConfig
@@ -53,26 +54,56 @@ def _first_slurm_host(nodelist: str) -> str:
         return nodelist.split(",")[0].split("[")[0]
 
 
+def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    """The launcher variable ``name`` as an integer; a value that is not one is a user error."""
+    value = env.get(name)
+    if value is None:
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set; the launcher (mpirun, srun) sets it with the others")
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer; it is set by the launcher "
+                          "(torchrun, deepspeed, mpirun, srun): fix or unset it") from None
+
+
+def _checked(launch: LaunchEnv, source: str) -> LaunchEnv:
+    """``launch`` if its values can form a process group, else a ConfigError naming them."""
+    if launch.world_size < 1:
+        raise ConfigError(f"world size {launch.world_size} ({source}) must be at least 1")
+    if not 0 <= launch.rank < launch.world_size:
+        raise ConfigError(f"rank {launch.rank} ({source}) must be in [0, {launch.world_size - 1}] "
+                          f"for a world size of {launch.world_size}")
+    if launch.local_rank < 0:
+        raise ConfigError(f"local rank {launch.local_rank} ({source}) must be >= 0")
+    port = launch.master_port
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"MASTER_PORT={launch.master_port!r} is not a TCP port (0-65535); fix or unset it")
+    return launch
+
+
 def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Rank, world size, local rank and rendezvous address set by the launcher.
 
     Understands torchrun and the ``deepspeed`` launcher (RANK, WORLD_SIZE, LOCAL_RANK), OpenMPI
     (OMPI_COMM_WORLD_*) and SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); with none of them
-    it is a single process.
+    it is a single process. Values that cannot form a process group are a ``ConfigError``.
     """
     env = os.environ if environ is None else environ
     port = env.get("MASTER_PORT", "6000")
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         env.get("MASTER_ADDR", "127.0.0.1"), port)
+        return _checked(LaunchEnv(_env_int(env, "RANK"), _env_int(env, "WORLD_SIZE"), _env_int(env, "LOCAL_RANK", 0),
+                                  env.get("MASTER_ADDR", "127.0.0.1"), port), "RANK, WORLD_SIZE, LOCAL_RANK")
     if "OMPI_COMM_WORLD_RANK" in env:
-        return LaunchEnv(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                         int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), env.get("MASTER_ADDR", "127.0.0.1"), port)
+        return _checked(LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK"), _env_int(env, "OMPI_COMM_WORLD_SIZE"),
+                                  _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
+                                  port), "OMPI_COMM_WORLD_*")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         addr, port)
-    return LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port()))
+        return _checked(LaunchEnv(_env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"),
+                                  _env_int(env, "SLURM_LOCALID", 0), addr, port), "SLURM_PROCID, SLURM_NTASKS")
+    return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), "single process")
 
 
 def initialize_distributed(parallel: ParallelConfig) -> None:

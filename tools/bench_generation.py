@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--output", default=os.path.join(REPO, "bench_out", "bench_generation.json"))
     args = parser.parse_args(argv)
+    for flag, value in (("--num-prompts", args.num_prompts), ("--new-tokens", args.new_tokens),
+                        ("--rounds", args.rounds), ("--threads", args.threads), ("--batch-sizes", min(args.batch_sizes))):
+        if value < 1:
+            raise SystemExit(f"{flag} must be at least 1, got {value}")
     if args.max_prompt_length + args.new_tokens > args.max_position_embeddings:
         raise SystemExit(f"--max-prompt-length ({args.max_prompt_length}) + --new-tokens ({args.new_tokens}) "
                          f"exceeds --max-position-embeddings ({args.max_position_embeddings}); lower one")

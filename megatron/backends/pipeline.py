@@ -23,7 +23,7 @@ from megatron.backends.deepspeed import (
 )
 from megatron.config import RunConfig
 from megatron.model import ActivationCheckpointing, use_activation_checkpointing
-from megatron.model.gpt2_pipe import PipelineDescription
+from megatron.model.gpt2_pipe import PipelineDescription, TransformerLayerPipe
 
 
 def build_pipeline_module(description: PipelineDescription, run: RunConfig,
@@ -44,9 +44,12 @@ def build_pipeline_module(description: PipelineDescription, run: RunConfig,
     topology = PipeModelDataParallelTopology(num_pp=parallel.pipe_parallel_size, num_mp=parallel.model_parallel_size,
                                              num_dp=parallel.data_parallel_size)
     interval = run.model.checkpoint_num_layers if run.model.checkpoint_activations else 0
+    # Only transformer layers are recomputed: a reentrant checkpoint function (mpu's, DeepSpeed's)
+    # needs an input that requires grad, and the first stage's embedding gets token ids.
     return PipelineModule(layers=specs, loss_fn=description.loss_fn, topology=topology,
                           partition_method=parallel.pipe_partition_method, activation_checkpoint_interval=interval,
-                          activation_checkpoint_func=functions.checkpoint)
+                          activation_checkpoint_func=functions.checkpoint,
+                          checkpointable_layers=[TransformerLayerPipe.__name__])
 
 
 class PipelineBatches:

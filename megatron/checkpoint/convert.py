@@ -138,7 +138,11 @@ class Checkpoint:
 
     @property
     def padded_vocab_size(self) -> int:
-        return self.model["word_embeddings.weight"].size(0)
+        embedding = self.model.get("word_embeddings.weight")
+        if embedding is None:
+            raise ConfigError(f"the checkpoint holds no GPT-2 model (no word_embeddings.weight; its tensors begin "
+                              f"{sorted(self.model)[:2]}): is it a BERT checkpoint? Point --load at a GPT-2 one")
+        return embedding.size(0)
 
 
 def find_iteration(load: str, iteration: int | None = None) -> int:

@@ -58,6 +58,10 @@ def validate_inference_args(args: argparse.Namespace) -> None:
         raise ConfigError("--vocab-file and --merge-file are required (the tokenizer the model was trained with)")
     if args.seq_length is not None and args.seq_length <= 0:
         raise ConfigError(f"--seq-length must be positive, got {args.seq_length}")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32 - 1] (NumPy's range), got {args.seed}")
+    if args.make_vocab_size_divisible_by <= 0:
+        raise ConfigError(f"--make-vocab-size-divisible-by must be positive, got {args.make_vocab_size_divisible_by}")
 
 
 def inference_config(args: argparse.Namespace) -> InferenceConfig:

@@ -28,15 +28,33 @@ def _git(*command: str) -> str:
         return ""
 
 
+def hparams(run: RunConfig) -> dict[str, Any]:
+    """Megatron's flat record of a run: every flag as given, then the values derived from them."""
+    derived = {
+        "rank": run.parallel.rank, "world_size": run.parallel.world_size, "local_rank": run.parallel.local_rank,
+        "data_parallel_size": run.parallel.data_parallel_size, "device": str(run.device),
+        "distributed_backend": run.parallel.distributed_backend, "vocab_size": run.model.vocab_size,
+        "padded_vocab_size": run.model.padded_vocab_size, "eod_token": run.eod_token,
+        "params_dtype": run.precision.dtype, "gradient_accumulation_steps": run.training.gradient_accumulation_steps,
+        "lr_decay_iters": run.optimizer.lr_decay_iters, "eval_batch_size": run.training.eval_batch_size,
+    }
+    return {**json.loads(run.flags_json), **derived}
+
+
 def record_experiment(run: RunConfig) -> None:
-    """Rank 0 writes hparams.json (the whole RunConfig), githash.log and gitdiff.log into
-    ``--exp-dir`` (default ``experiments/gpt2-<timestamp>``)."""
+    """Rank 0 writes hparams.json (flags and derived values, flat), run_config.json (the RunConfig's
+    sections), githash.log and gitdiff.log into ``--exp-dir`` (default
+    ``experiments/gpt2-<timestamp>``)."""
     if dist.get_rank() != 0:
         return
     exp_dir = run.logging.exp_dir or os.path.join("experiments", time.strftime("gpt2-%Y%m%d-%H%M%S"))
     os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "hparams.json"), "w") as handle:
-        json.dump(dataclasses.asdict(run), handle, indent=2, default=str)
+        json.dump(hparams(run), handle, indent=2, sort_keys=True, default=str)
+    sections = {field.name: dataclasses.asdict(getattr(run, field.name)) for field in dataclasses.fields(run)
+                if dataclasses.is_dataclass(getattr(run, field.name))}
+    with open(os.path.join(exp_dir, "run_config.json"), "w") as handle:
+        json.dump({**sections, "eod_token": run.eod_token}, handle, indent=2, default=str)
     with open(os.path.join(exp_dir, "githash.log"), "w") as handle:
         handle.write(_git("rev-parse", "HEAD"))
     with open(os.path.join(exp_dir, "gitdiff.log"), "w") as handle:

@@ -102,6 +102,17 @@ CASES = {
     "zero iterations": (lambda w: ["--train-iters", "0"], "--train-iters must be positive, got 0", 1),
     "negative batch": (lambda w: ["--batch-size", "-2"], "--batch-size must be positive, got -2", 1),
     "zero learning rate": (lambda w: ["--lr", "0"], "--lr must be positive, got 0.0", 1),
+    # One line before the restructure (a bare ValueError from NumPy or AdamW counted as a user error
+    # then); tracebacks after it, until checked at start-up.
+    "negative seed": (lambda w: ["--seed", "-1"], "--seed must be in [0, 2**32 - 1]", 1),
+    "negative weight decay": (lambda w: ["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1", 1),
+    "adam beta of 1.5": (lambda w: ["--adam-beta1", "1.5"], "--adam-beta1 must be in [0, 1), got 1.5", 1),
+    "fp16 min scale 0": (lambda w: ["--fp16", "--min-scale", "0"], "--min-scale (0.0) must be positive", 1),
+    "pipeline eval batch": (lambda w: ["--pipe-parallel-size", "2", "--eval-batch-size", "3"]
+                            + _ds(w["root"], {"zero_optimization": {"stage": 1}}),
+                            "--eval-batch-size (3) must equal --batch-size (2)", 1),
+    "mistyped deepspeed batch": (lambda w: _ds(w["root"], {"train_batch_size": "8"}),
+                                 "train_batch_size must be a positive integer, got '8'", 1),
 }
 
 
@@ -132,3 +143,22 @@ def test_compile_without_a_compiler_is_one_clear_line(demo_corpus: Path, tmp_pat
     assert out.returncode == 2, out.stderr[-3000:]
     assert "error: --compile on CPU needs a C++ compiler (g++ or clang++) on PATH" in out.stderr
     assert f'File "{REPO}' not in out.stderr
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
+], ids=["rank text", "port out of range"])
+def test_bad_launch_environment_is_one_clear_line(environ: dict[str, str], message: str, demo_corpus: Path,
+                                                  tmp_path: Path) -> None:
+    """A bad launcher variable: one line, exit 2, no traceback, no --save written (the previous
+    version printed one line for these too)."""
+    save = tmp_path / "ckpt"
+    out = run_script("pretrain_gpt2.py", [*TINY_GPT2, "--batch-size", "2", "--train-iters", "2", "--save", str(save),
+                                          "--exp-dir", str(tmp_path / "exp")],
+                     timeout=300, check=False, env=dict(ENV, **environ))
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert not any(save.iterdir()) and not (tmp_path / "exp").exists()

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from launchers import DEMO_DIR, NO_DROPOUT, REPO, assert_losses_close, losses, run_training
+from launchers import (
+    DEMO_DIR,
+    NO_DROPOUT,
+    REPO,
+    TOKENIZER,
+    assert_losses_close,
+    losses,
+    run_tool,
+    run_training,
+)
 
 SCRIPT = "pretrain_bert.py"
 TINY_BERT = [
@@ -60,3 +69,32 @@ def test_bad_flags_are_one_line_errors(demo_corpus: Path) -> None:
     out = run_training(1, TINY_BERT + ITERS + ["--mask-prob", "1.5"], script=SCRIPT, check=False)
     assert out.returncode != 0 and "--mask-prob must be a probability in [0, 1], got 1.5" in out.stderr
     assert f'File "{REPO}' not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def bert_run(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-step BERT run: its checkpoint and experiment record."""
+    root = tmp_path_factory.mktemp("bert_run")
+    run_training(1, TINY_BERT + ["--train-iters", "1", "--save", str(root / "ckpt"), "--exp-dir", str(root / "exp"),
+                                 "--mask-prob", "0.2", "--sentence-head", "nsp"], script=SCRIPT)
+    return root
+
+
+@pytest.mark.parametrize("tool", ["generate_samples.py", "evaluate_gpt2.py", "tools/convert_checkpoint.py"])
+def test_gpt2_tools_refuse_a_bert_checkpoint_in_one_line(tool: str, bert_run: Path, tmp_path: Path) -> None:
+    """A BERT checkpoint handed to a GPT-2 tool is a user mistake: one line, exit 2 (it was a
+    KeyError traceback, before and after the restructure)."""
+    (tmp_path / "text.txt").write_text("some words to score here")
+    args = {"generate_samples.py": ["--load", str(bert_run / "ckpt"), *TOKENIZER, "--num-samples", "1"],
+            "evaluate_gpt2.py": ["--load", str(bert_run / "ckpt"), *TOKENIZER, "--valid-data", str(tmp_path / "text.txt")],
+            "tools/convert_checkpoint.py": ["to-hf", "--load", str(bert_run / "ckpt"), "--output", str(tmp_path / "hf")]}
+    out = run_tool(tool, *args[tool], check=False)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "error: the checkpoint holds no GPT-2 model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_experiment_record_holds_the_bert_flags(bert_run: Path) -> None:
+    import json
+
+    text = json.dumps(json.loads((bert_run / "exp" / "hparams.json").read_text()))
+    assert '"mask_prob": 0.2' in text and '"sentence_head": "nsp"' in text

@@ -109,3 +109,8 @@ def test_bad_input_is_a_one_line_error(model_pair: tuple[Path, Path], tmp_path: 
     bad.write_text("not json\n")
     assert_one_line_error(run_tool("evaluate_gpt2.py", "--load", str(ckpt), *TOKENIZER, *DIVISIBLE,
                                    "--valid-data", str(bad), "--cloze-eval", check=False), "bad.jsonl:1")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))  # a UnicodeDecodeError traceback before
+    for task in ([], ["--cloze-eval"]):
+        assert_one_line_error(run_tool("evaluate_gpt2.py", "--load", str(ckpt), *TOKENIZER, *DIVISIBLE,
+                                       "--valid-data", str(latin1), *task, check=False), "is not UTF-8 text")

@@ -108,3 +108,13 @@ def test_bad_input_is_a_one_line_error(model_pair: tuple[Path, Path], tmp_path: 
                           "no complete checkpoint")
     assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *common, "--model-parallel-size",
                                    "3", check=False), "not divisible")
+    # One line before the restructure too (NumPy's ValueError counted as a user error then).
+    assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *common, "--seed", "-1",
+                                   check=False), "--seed must be in [0, 2**32 - 1]")
+    assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *common,
+                                   "--make-vocab-size-divisible-by", "0", check=False),
+                          "--make-vocab-size-divisible-by must be positive")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9\n".encode("latin-1"))  # a traceback (UnicodeDecodeError) before and after the restructure
+    assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *TOKENIZER, "--greedy",
+                                   "--sample-input-file", str(latin1), check=False), "is not UTF-8 text")

@@ -33,6 +33,20 @@ def test_pipelined_equals_unpipelined(pipe: int, model: int, unpipelined: dict[i
     assert_losses_close(losses(out.stdout), unpipelined)
 
 
+@pytest.mark.parametrize("checkpointing", [["--checkpoint-activations"],
+                                           ["--checkpoint-activations", "--deepspeed-activation-checkpointing"]],
+                         ids=["mpu", "deepspeed"])
+def test_pipelined_with_activation_checkpointing_equals_unpipelined(checkpointing: list[str],
+                                                                    unpipelined: dict[int, str],
+                                                                    tmp_path: Path) -> None:
+    """The first stage's embedding (token ids in, nothing requiring grad) is not recomputed: a
+    reentrant checkpoint around it failed the first backward ("element 0 of tensors does not
+    require grad")."""
+    args = TINY_GPT2 + NO_DROPOUT + STEP + ["--train-iters", "10", "--pipe-parallel-size", "2"] + checkpointing
+    out = run_training(2, args + _zero1(tmp_path))
+    assert_losses_close(losses(out.stdout), unpipelined)
+
+
 def test_pipelined_run_resumes_exactly(demo_corpus: Path, tmp_path: Path) -> None:
     common = TINY_GPT2 + STEP + ["--pipe-parallel-size", "2", "--lr-decay-iters", "10"] + _zero1(tmp_path)
     straight = losses(run_training(2, common + ["--train-iters", "10"]).stdout)

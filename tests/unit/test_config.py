@@ -92,3 +92,89 @@ def test_nccl_without_gpus_is_refused_before_the_process_group() -> None:
 def test_vocab_size_flag_overrides_the_tokenizer() -> None:
     run = _run("--vocab-size", "100", "--make-vocab-size-divisible-by", "64")
     assert (run.model.vocab_size, run.model.padded_vocab_size) == (100, 128)
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "world size 0"),
+    ({"RANK": "-1", "WORLD_SIZE": "1"}, r"rank -1 .* must be in \[0, 0\]"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, r"rank 3 .* must be in \[0, 1\]"),
+    ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE is not set"),
+    ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a TCP port"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
+], ids=["rank text", "local rank text", "world 0", "negative rank", "rank past world", "mpi without size",
+        "port text", "port out of range"])
+def test_bad_launch_environment_is_a_config_error(environ: dict[str, str], message: str) -> None:
+    """A launcher value that cannot form a process group is a user error at start-up (the previous
+    version reported these as one line too; a traceback from int() or TCPStore is a regression)."""
+    args = build_parser().parse_args(MODEL)
+    with pytest.raises(ConfigError, match=message):
+        build_run_config(args, vocab_size=8000, eod_token=7999, environ=environ)
+
+
+def test_fp16_loss_scale_bounds_are_checked_with_the_flags() -> None:
+    """--min-scale above --initial-loss-scale (or not positive) fails in get_args, before a model exists."""
+    from arguments import validate_training_args
+
+    for flags in (["--min-scale", "0"], ["--initial-loss-scale", "0.5"], ["--initial-loss-scale", "0"]):
+        with pytest.raises(ConfigError, match=r"--min-scale \(.*\) must be positive and at most --initial-loss-scale"):
+            validate_training_args(build_parser().parse_args([*MODEL, "--fp16", *flags]))
+    validate_training_args(build_parser().parse_args([*MODEL, "--min-scale", "0"]))  # unused without --fp16
+    validate_training_args(build_parser().parse_args([*MODEL, "--fp16", "--loss-scale", "8", "--min-scale", "0"]))
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"train_batch_size": "8"}, "train_batch_size must be a positive integer, got '8'"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer, got 0"),
+    ({"fp16": True}, "fp16 must be a JSON object"),
+    ({"zero_optimization": [1]}, "zero_optimization must be a JSON object"),
+    ({"zero_optimization": {"stage": "two"}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'two'"),
+], ids=["batch text", "accumulation 0", "fp16 bool", "zero list", "stage text"])
+def test_mistyped_deepspeed_config_is_a_config_error(config: dict, message: str, tmp_path: Path) -> None:
+    """A value of the wrong type in the DeepSpeed JSON: one ConfigError naming the key, not a
+    TypeError or AttributeError from the batch/precision rules or DeepSpeed's pydantic models."""
+    with pytest.raises(ConfigError, match=message):
+        _run(*_ds_config(tmp_path, config))
+
+
+def test_pipeline_zero_stage_given_as_text(tmp_path: Path) -> None:
+    """DeepSpeed takes "2" for stage 2: the pipeline check compares it as a number."""
+    from arguments import validate_pipeline_args
+
+    args = build_parser().parse_args([*MODEL, "--pipe-parallel-size", "2",
+                                      *_ds_config(tmp_path, {"zero_optimization": {"stage": "2"}})])
+    with pytest.raises(ConfigError, match="ZeRO stage 2 .* cannot be combined with pipeline parallelism"):
+        validate_pipeline_args(args)
+    assert _run(*_ds_config(tmp_path, {"zero_optimization": {"stage": "1"}})).deepspeed.zero_stage == 1
+
+
+def test_pipeline_needs_one_micro_batch_shape(tmp_path: Path) -> None:
+    """--eval-batch-size other than --batch-size under the pipeline engine aborted the ranks at
+    the first evaluation (gloo: "Received data size doesn't match expected size", SIGABRT)."""
+    from arguments import validate_pipeline_args
+
+    flags = [*MODEL, "--pipe-parallel-size", "2", *_ds_config(tmp_path, {"zero_optimization": {"stage": 1}})]
+    with pytest.raises(ConfigError, match=r"--eval-batch-size \(3\) must equal --batch-size \(2\)"):
+        validate_pipeline_args(build_parser().parse_args([*flags, "--eval-batch-size", "3"]))
+    validate_pipeline_args(build_parser().parse_args([*flags, "--eval-batch-size", "2"]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\]"),
+    (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\]"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (["--adam-beta1", "1.0"], r"--adam-beta1 must be in \[0, 1\)"),
+    (["--adam-beta2", "-0.5"], r"--adam-beta2 must be in \[0, 1\)"),
+    (["--adam-eps=-1e-8"], "--adam-eps must be >= 0"),
+    (["--init-method-std", "-0.02"], "--init-method-std must be >= 0"),
+])
+def test_values_numpy_and_adamw_refuse_are_config_errors(flags: list[str], message: str) -> None:
+    """These reached NumPy's seed or torch's AdamW, whose bare ValueError the previous version
+    reported as one line; with only ConfigError a user error they must be checked at start-up."""
+    from arguments import validate_model_args, validate_training_args
+
+    args = build_parser().parse_args([*MODEL, *flags])
+    with pytest.raises(ConfigError, match=message):
+        validate_model_args(args)
+        validate_training_args(args)
