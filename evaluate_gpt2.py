@@ -33,6 +33,7 @@ from megatron.inference import (
     inference_config,
     load_inference_model,
 )
+from megatron.inference.outputs import check_output_file
 from megatron.tokenizer import AbstractTokenizer
 from megatron.training.entry import run_entry_point
 
@@ -179,10 +180,15 @@ def run(args: argparse.Namespace) -> None:
     if not args.valid_data:
         raise ConfigError("--valid-data is required: a WikiText-style text file, or with --cloze-eval a "
                           "LAMBADA JSON-lines file")
+    if os.path.isdir(args.valid_data[0]):
+        raise ConfigError(f"--valid-data {args.valid_data[0]!r} is a directory; pass the text (or, with "
+                          "--cloze-eval, JSON-lines) file itself")
     if not os.path.isfile(args.valid_data[0]):
         raise ConfigError(f"--valid-data {args.valid_data[0]!r} does not exist")
     if args.overlapping_eval <= 0:
         raise ConfigError(f"--overlapping-eval must be positive, got {args.overlapping_eval}")
+    if args.results_json:
+        check_output_file("--results-json", args.results_json)  # before the model loads and the run
     loaded = load_inference_model(inference_config(args))
     if args.overlapping_eval > loaded.seq_length:
         raise ConfigError(f"--overlapping-eval ({args.overlapping_eval}) exceeds --seq-length ({loaded.seq_length})")

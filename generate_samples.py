@@ -37,6 +37,7 @@ from megatron.inference import (
     load_inference_model,
     prompt_generator,
 )
+from megatron.inference.outputs import check_output_file
 from megatron.training.entry import run_entry_point
 
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_sample_args(args: argparse.Namespace) -> SamplingSettings:
+    """The sampling settings; ConfigError for any bad sampling flag, a missing prompt file or an
+    output file that cannot be written (checked before anything is loaded)."""
     settings = SamplingSettings(args.greedy, args.temperature, args.top_k, args.top_p)
     settings.validate()
     if args.out_seq_length <= 0:
@@ -62,8 +65,13 @@ def validate_sample_args(args: argparse.Namespace) -> SamplingSettings:
         raise ConfigError(f"--batch-size must be positive, got {args.batch_size} (prompts decoded together)")
     if args.num_samples < 0:
         raise ConfigError(f"--num-samples must be >= 0, got {args.num_samples}")
+    if args.sample_input_file and os.path.isdir(args.sample_input_file):
+        raise ConfigError(f"--sample-input-file {args.sample_input_file!r} is a directory; pass a text file "
+                          "of prompts, one a line")
     if args.sample_input_file and not os.path.isfile(args.sample_input_file):
         raise ConfigError(f"--sample-input-file {args.sample_input_file!r} does not exist")
+    if args.sample_output_file:
+        check_output_file("--sample-output-file", args.sample_output_file)
     return settings
 
 

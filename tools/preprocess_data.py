@@ -5,7 +5,9 @@
 
 Writes ``P_{key}_document.bin``/``.idx`` per JSON key (uint16 tokens when the vocab has fewer
 than 65500 ids, else int32), with a progress bar and a closing throughput line. Outputs appear
-only when complete. User mistakes exit 1 with a one-line message.
+only when complete, and never for an input without a single document of text. User mistakes
+(``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable output
+directory) exit 2 with a one-line message and write nothing.
 """
 
 from __future__ import annotations
@@ -25,15 +27,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megatron.data.errors import LooseJSONError  # noqa: E402
+from megatron.data.errors import DataError, LooseJSONError  # noqa: E402
 from megatron.data.indexed_dataset import (  # noqa: E402
     IndexedDatasetBuilder,
     best_token_dtype,
     data_file_path,
     index_file_path,
 )
-from megatron.data.loose_json import parse_json_line  # noqa: E402
-from megatron.tokenizer import TOKENIZER_TYPES, AbstractTokenizer, GPT2BPETokenizer  # noqa: E402
+from megatron.data.loose_json import check_corpus_file, parse_json_line  # noqa: E402
+from megatron.errors import ConfigError  # noqa: E402
+from megatron.tokenizer import TOKENIZER_TYPES, AbstractTokenizer, build_tokenizer  # noqa: E402
+from megatron.training.entry import run_entry_point  # noqa: E402
 
 BYTES_PER_TASK = 1 << 16
 _worker_tokenizer: AbstractTokenizer | None = None
@@ -70,7 +74,7 @@ def encode_lines(task: tuple[str, list[tuple[int, bytes]], list[str], bool, type
     records: list[tuple[int, object]] = []
     for number, line in lines:
         try:
-            records.append((len(line), {key: parse_json_line(line, path, number, key) for key in keys}))
+            records.append((len(line), {key: parse_json_line(line, path, number, key, "--json-keys") for key in keys}))
         except LooseJSONError as error:
             records.append((len(line), str(error)))
     texts = [text for _, record in records if isinstance(record, dict) for text in record.values()]
@@ -116,20 +120,53 @@ def _results(path: str, keys: list[str], append_eod: bool, workers: int, dtype: 
         yield from pool.imap(encode_lines, tasks, chunksize=1)
 
 
+def _check_inputs(path: str, workers: int) -> None:
+    """Raise ConfigError for a missing/unreadable ``--input`` or a bad ``--workers``."""
+    check_corpus_file(path, "--input")
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+
+
+def _open_builders(partial: dict[str, str], dtype: type) -> dict[str, IndexedDatasetBuilder]:
+    """A builder per key writing ``{partial prefix}.bin``; DataError if the directory is unusable."""
+    directory = os.path.dirname(os.path.abspath(next(iter(partial.values()))))
+    builders: dict[str, IndexedDatasetBuilder] = {}
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for key, prefix in partial.items():
+            builders[key] = IndexedDatasetBuilder(data_file_path(prefix), dtype)
+        return builders
+    except OSError as error:
+        for key, builder in builders.items():
+            builder.close()
+            data_file_path(partial[key]).unlink(missing_ok=True)
+        problem = "is not a directory" if os.path.exists(directory) and not os.path.isdir(directory) \
+            else f"cannot be written ({error.strerror})"
+        raise DataError(f"--output-prefix: {directory} {problem}; pass a prefix in a writable directory") from None
+
+
+def _require_documents(path: str, builders: dict[str, IndexedDatasetBuilder], stats: Stats) -> None:
+    """Raise DataError (before anything is written) if a key got no document with text."""
+    for key, builder in builders.items():
+        if builder.num_documents == 0:
+            raise DataError(f"--input {path} holds no documents with text under --json-keys {key!r} "
+                            f"({stats.documents} records, {stats.empty.get(key, 0)} empty texts, "
+                            f"{stats.bad_lines} bad lines skipped); nothing was written")
+
+
 def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractTokenizer],
                keys: list[str], append_eod: bool, workers: int, skip_bad_lines: bool = False,
                progress: bool = True) -> Stats:
-    """Write ``{output_prefix}_{key}_document.bin/.idx`` for each key; returns the counts."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--input {path} does not exist")
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
+    """Write ``{output_prefix}_{key}_document.bin/.idx`` for each key; returns the counts.
+
+    Writes nothing (and raises ConfigError) for a missing input, one without a document of text
+    under some key, a malformed line (unless ``skip_bad_lines``), or an unwritable output directory.
+    """
+    _check_inputs(path, workers)
     dtype = best_token_dtype(factory().vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     final = {key: f"{output_prefix}_{key}_document" for key in keys}
     partial = {key: f"{prefix}.partial{os.getpid()}" for key, prefix in final.items()}
-    builders = {key: IndexedDatasetBuilder(data_file_path(partial[key]), dtype)
-                for key in keys}
+    builders = _open_builders(partial, dtype)
     stats = Stats(empty=dict.fromkeys(keys, 0))
     start = time.perf_counter()
     try:
@@ -138,13 +175,15 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
             for results in _results(path, keys, append_eod, workers, dtype, factory):
                 _write(results, builders, stats, skip_bad_lines)
                 bar.update(sum(size for size, _ in results))
+        _require_documents(path, builders, stats)
         for key, builder in builders.items():
             builder.finalize(index_file_path(partial[key]))
             os.replace(data_file_path(partial[key]), data_file_path(final[key]))
             os.replace(index_file_path(partial[key]), index_file_path(final[key]))
     finally:
-        for prefix in partial.values():
-            for leftover in (data_file_path(prefix), index_file_path(prefix)):
+        for key, builder in builders.items():
+            builder.close()
+            for leftover in (data_file_path(partial[key]), index_file_path(partial[key])):
                 if leftover.exists():
                     leftover.unlink()
     stats.seconds = time.perf_counter() - start
@@ -173,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input", required=True, help="loose-JSON file")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--vocab-file", required=True)
-    parser.add_argument("--merge-file", required=True)
+    parser.add_argument("--merge-file", default=None, help="GPT-2's merges.txt (GPT2BPETokenizer only)")
     parser.add_argument("--tokenizer-type", default="GPT2BPETokenizer", choices=TOKENIZER_TYPES)
     parser.add_argument("--json-keys", nargs="+", default=["text"])
     parser.add_argument("--append-eod", action="store_true",
@@ -184,18 +223,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: exits 1 with a one-line message on user mistakes."""
-    args = parse_args(argv)
-    factory = functools.partial(GPT2BPETokenizer, args.vocab_file, args.merge_file)
-    try:
-        stats = preprocess(args.input, args.output_prefix, factory, args.json_keys,
-                           args.append_eod, args.workers, args.skip_bad_lines, not args.no_progress)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def run(args: argparse.Namespace) -> None:
+    """Preprocess as the flags say and print the throughput line."""
+    source = argparse.Namespace(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+                                merge_file=args.merge_file)
+    factory = functools.partial(build_tokenizer, source)
+    stats = preprocess(args.input, args.output_prefix, factory, args.json_keys,
+                       args.append_eod, args.workers, args.skip_bad_lines, not args.no_progress)
     print(stats.throughput_line())
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: 0 done; 2 with one ``error:`` line (nothing written) for user mistakes."""
+    return run_entry_point(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ import argparse
 import dataclasses
 import os
 
-from megatron.data.builder import CORPORA, parse_data_path, parse_split
+from megatron.data.builder import CORPORA, parse_data_path, parse_split, resolve_corpus
 from megatron.data.config import DataConfig
+from megatron.data.indexed_dataset import check_prefix_files
+from megatron.data.loose_json import check_corpus_file
 from megatron.errors import ConfigError
 from megatron.tokenizer import TOKENIZER_TYPES
 
@@ -60,9 +62,37 @@ def _check_files(args: DataConfig) -> None:
             raise ConfigError(f"{flag} is required for --tokenizer-type {args.tokenizer_type}; use "
                              "GPT-2's files or data/demo/gpt2-vocab.json + gpt2-merges.txt from "
                              "`python tools/build_demo_corpus.py`")
+        if os.path.isdir(path):
+            raise ConfigError(f"{flag} {path} is a directory; pass the tokenizer file itself (e.g. "
+                              f"{os.path.join(path, 'vocab.json' if 'vocab' in flag else 'merges.txt')})")
         if not os.path.isfile(path) and not _is_demo_tokenizer(args, path):
             raise ConfigError(f"{flag} {path} does not exist; fix the path, or build the demo "
                              "tokenizer with `python tools/build_demo_corpus.py`")
+
+
+def _check_data_files(args: DataConfig) -> None:
+    """Raise DataError unless every loose-JSON file and ``--data-path`` prefix is there (the demo
+    corpus is built on first use, so is not checked)."""
+    for flag, names in (("--train-data", args.train_data), ("--valid-data", args.valid_data),
+                        ("--test-data", args.test_data)):
+        for name in names or []:
+            if name != "demo":
+                check_corpus_file(resolve_corpus(name, args), flag)
+    for _, prefix in parse_data_path(args.data_path) if args.data_path else []:
+        check_prefix_files(prefix)
+
+
+def _check_cache_dir(cache_dir: str | None) -> None:
+    """Raise ConfigError unless ``--cache-dir`` is, or can be created as, a writable directory."""
+    if not cache_dir:
+        return
+    place = os.path.abspath(cache_dir)
+    while not os.path.exists(place) and os.path.dirname(place) != place:
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise ConfigError(f"--cache-dir {cache_dir}: {place} is a file, not a directory; pass a directory")
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigError(f"--cache-dir {cache_dir}: {place} is not writable; pass a writable directory")
 
 
 def _is_demo_tokenizer(args: DataConfig, path: str) -> bool:
@@ -72,7 +102,8 @@ def _is_demo_tokenizer(args: DataConfig, path: str) -> bool:
 
 
 def validate_data_args(args: DataConfig) -> None:
-    """Raise ConfigError with the bad value and the fix for any inconsistent data argument."""
+    """Raise ConfigError with the bad value and the fix for any inconsistent data argument, or a
+    data, tokenizer or cache path that is missing, a directory where a file belongs, or unusable."""
     if not args.train_data and not args.data_path:
         raise ConfigError("no training data: pass --train-data (loose JSON or a corpus name such as "
                          "demo or webtext) or --data-path (prefix of a preprocessed .bin/.idx)")
@@ -90,3 +121,5 @@ def validate_data_args(args: DataConfig) -> None:
     if args.tokenizer_type not in TOKENIZER_TYPES:
         raise ConfigError(f"--tokenizer-type {args.tokenizer_type} is not one of {TOKENIZER_TYPES}")
     _check_files(args)
+    _check_data_files(args)
+    _check_cache_dir(args.cache_dir)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron.data.builder import parse_split, resolve_corpus, split_bounds
+from megatron.data.builder import parse_split, require_train_documents, resolve_corpus, split_bounds
 from megatron.data.cache import build_once
 from megatron.data.config import DataConfig
 from megatron.data.errors import DataError
@@ -214,28 +214,37 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def load_corpus(paths: list[str], data: DataConfig, tokenizer: WordPieceTokenizer) -> SentenceCorpus:
-    """Sentences of the loose-JSON files (or corpus names such as ``demo``) in ``paths``."""
-    texts = (text for name in paths
-             for text in iter_json_texts(resolve_corpus(name, data), data.text_key, data.skip_bad_lines))
-    return build_sentence_corpus(texts, tokenizer)
+def load_corpus(paths: list[str], data: DataConfig, tokenizer: WordPieceTokenizer,
+                flag: str = "--train-data") -> SentenceCorpus:
+    """Sentences of the loose-JSON files (or corpus names such as ``demo``) in ``paths``, given
+    with ``flag``; DataError if they hold no document with text."""
+    files = [resolve_corpus(name, data) for name in paths]
+    texts = (text for path in files for text in iter_json_texts(path, data.text_key, data.skip_bad_lines))
+    corpus = build_sentence_corpus(texts, tokenizer)
+    if corpus.num_documents == 0:
+        raise DataError(f"{flag} {', '.join(files)} holds no documents: the file is empty or every line's "
+                        f"{data.text_key!r} is empty; give it at least one line such as {{\"text\": \"...\"}}")
+    return corpus
 
 
 def build_bert_datasets(data: DataConfig, config: BertSampleConfig, tokenizer: WordPieceTokenizer,
                         num_samples: tuple[int, int, int]) -> tuple[BertDataset | None, ...]:
     """Train/valid/test ``BertDataset``s from ``--train-data`` split by documents with ``--split``
-    (or whole, with ``--valid-data``/``--test-data`` as the other splits). A split with no
-    documents or 0 requested samples is None. Raises DataError for unusable data."""
+    (or whole, with ``--valid-data``/``--test-data`` as the other splits). A validation or test
+    split with no documents or 0 requested samples is None; the train split never is. Raises
+    DataError for unusable data (no documents, a --split giving train none)."""
     if data.data_path:
         raise DataError("BERT reads loose JSON (--train-data), which keeps sentence and document "
                         "boundaries; --data-path (indexed .bin/.idx) is not supported for BERT yet")
     corpus = load_corpus(data.train_data, data, tokenizer)
     separate = [data.valid_data, data.test_data]
     if any(separate):
-        corpora = [corpus] + [load_corpus(p, data, tokenizer) if p else None for p in separate]
+        corpora = [corpus] + [load_corpus(p, data, tokenizer, f"--{name}-data") if p else None
+                              for name, p in zip(SPLIT_NAMES[1:], separate)]
         ranges = [(c, 0, c.num_documents) if c is not None else (None, 0, 0) for c in corpora]
     else:
         bounds = split_bounds(corpus.num_documents, parse_split(data.split))
+        require_train_documents(bounds, ", ".join(resolve_corpus(n, data) for n in data.train_data), data.split)
         ranges = [(corpus, bounds[i], bounds[i + 1]) for i in range(3)]
     datasets = []
     for name, (source, first, stop), count in zip(SPLIT_NAMES, ranges, num_samples):
@@ -272,7 +281,7 @@ def ensure_demo_wordpiece(demo_dir: str | Path = "data/demo", lowercase: bool = 
 
     Every rank may call it: one trains (under a file lock) and renames the file into place.
     """
-    from megatron.data.demo import ensure_demo_corpus
+    from megatron.data.demo import DEMO_DIR_FIX, ensure_demo_corpus
 
     data = ensure_demo_corpus(demo_dir)["data"]
     target = demo_wordpiece_path(demo_dir, lowercase)
@@ -280,5 +289,5 @@ def ensure_demo_wordpiece(demo_dir: str | Path = "data/demo", lowercase: bool = 
     def build(tmp: Path) -> None:
         train_wordpiece(iter_json_texts(data), DEMO_WORDPIECE_SIZE, tmp, lowercase=lowercase)
 
-    build_once(target, build)
+    build_once(target, build, fix=DEMO_DIR_FIX)
     return target

@@ -6,6 +6,7 @@ and every check that can fail on the data runs here, before training allocates a
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -27,18 +28,44 @@ Dataset = torch.utils.data.Dataset
 CORPORA = {"webtext": os.path.join("webtext", "data.json")}
 
 
-def parse_split(split: str) -> list[float]:
-    """``'949,50,1'`` (or ``'949/50/1'``) -> train/valid/test fractions summing to 1."""
-    parts = split.replace("/", ",").split(",")
+def _weight(text: str, flag: str, example: str, positive: bool = False) -> float:
+    """``text`` as a finite number, >= 0 (> 0 if ``positive``); ConfigError naming ``flag`` (the
+    flag and what the weight is for) and the weight otherwise."""
+    weight = f"{flag} weight {text!r}"
     try:
-        values = [float(part) for part in parts]
+        value = float(text)
     except ValueError:
-        raise ConfigError(f"--split {split!r} must be numbers like 949,50,1") from None
-    if len(values) > 3 or any(value < 0 for value in values) or sum(values) <= 0:
-        raise ConfigError(f"--split {split!r} must be up to three non-negative weights with a "
-                         "positive sum, e.g. 949,50,1")
+        raise ConfigError(f"{weight} is not a number; use weights such as {example}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(f"{weight} must be a finite, {kind} number; use weights such as {example}")
+    return value
+
+
+def _check_weight_sum(values: list[float], flag: str, example: str) -> float:
+    """The sum of ``values``; ConfigError unless it is positive and finite (no overflow)."""
+    total = sum(values)  # inf on overflow (math.fsum would raise)
+    if not math.isfinite(total):
+        raise ConfigError(f"{flag} weights {values} sum to {total} (overflow); only their ratios matter: "
+                          f"scale them down, e.g. {example}")
+    if total <= 0:
+        raise ConfigError(f"{flag} weights must have a positive sum, e.g. {example}")
+    return total
+
+
+def parse_split(split: str) -> list[float]:
+    """``'949,50,1'`` (or ``'949/50/1'``) -> train/valid/test fractions summing to 1.
+
+    Raises ConfigError for more than three weights, or a weight that is not a finite,
+    non-negative number, or weights whose sum is 0 or overflows."""
+    parts = split.replace("/", ",").split(",")
+    if len(parts) > 3:
+        raise ConfigError(f"--split {split!r} has {len(parts)} weights; give up to three "
+                          "(train,valid,test), e.g. 949,50,1")
+    values = [_weight(part, f"--split {split!r}:", "949,50,1") for part in parts]
+    total = _check_weight_sum(values, f"--split {split!r}:", "949,50,1")
     values += [0.0] * (3 - len(values))
-    return [value / sum(values) for value in values]
+    return [value / total for value in values]
 
 
 def split_bounds(num_documents: int, fractions: list[float]) -> list[int]:
@@ -50,7 +77,10 @@ def split_bounds(num_documents: int, fractions: list[float]) -> list[int]:
 
 
 def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
-    """``['A']`` -> ``[(1.0, 'A')]``; ``['0.3', 'A', '0.7', 'B']`` -> weighted prefixes."""
+    """``['A']`` -> ``[(1.0, 'A')]``; ``['0.3', 'A', '0.7', 'B']`` -> weighted prefixes.
+
+    Raises ConfigError for an odd number of words, a weight that is not a finite positive
+    number, or weights whose sum overflows."""
     if len(data_path) == 1:
         return [(1.0, data_path[0])]
     if len(data_path) % 2:
@@ -58,14 +88,8 @@ def parse_data_path(data_path: list[str]) -> list[tuple[float, str]]:
                          "pairs such as `0.3 A 0.7 B`")
     pairs = []
     for weight, prefix in zip(data_path[::2], data_path[1::2]):
-        try:
-            value = float(weight)
-        except ValueError:
-            raise ConfigError(f"--data-path weight {weight!r} is not a number; use pairs such as "
-                             "`0.3 A 0.7 B`") from None
-        if value <= 0:
-            raise ConfigError(f"--data-path weight {weight} for {prefix} must be positive")
-        pairs.append((value, prefix))
+        pairs.append((_weight(weight, f"--data-path {prefix}:", "`0.3 A 0.7 B`", positive=True), prefix))
+    _check_weight_sum([value for value, _ in pairs], "--data-path", "`0.3 A 0.7 B`")
     return pairs
 
 
@@ -96,65 +120,106 @@ def _check_vocab(documents: Documents, tokenizer: AbstractTokenizer, source: str
 
 
 def _load_json_documents(paths: list[str], config: DataConfig,
-                         tokenizer: AbstractTokenizer) -> Documents:
-    """Tokenised documents of the loose-JSON ``paths`` (cached with ``--lazy-loader``)."""
+                         tokenizer: AbstractTokenizer) -> tuple[Documents, str]:
+    """Tokenised documents of the loose-JSON ``paths`` (cached with ``--lazy-loader``) and the
+    files they came from (for messages)."""
     options = {"text_key": config.text_key, "skip_bad_lines": config.skip_bad_lines}
-    parts = []
+    parts, files = [], []
     for name in paths:
         path = resolve_corpus(name, config)
+        files.append(path)
         if config.lazy_loader:
             parts.append(tokenize_cached(path, tokenizer, cache_dir=config.cache_dir, **options))
         else:
             parts.append(tokenize_in_memory(path, tokenizer, **options))
     documents = parts[0] if len(parts) == 1 else ConcatDocuments(parts)
-    _check_vocab(documents, tokenizer, ", ".join(paths))
-    return documents
+    source = ", ".join(files)
+    _check_vocab(documents, tokenizer, source)
+    return documents, source
+
+
+def _require_documents(documents: Documents, source: str, flag: str, text_key: str) -> None:
+    """Raise DataError if the loose-JSON ``source`` (given with ``flag``) has no document."""
+    if len(documents.sizes) == 0:
+        raise DataError(f"{flag} {source} holds no documents: the file is empty or every line's {text_key!r} "
+                        "is empty; give it at least one line such as {\"text\": \"...\"}")
+
+
+def require_train_documents(bounds: list[int], source: str, split: str) -> None:
+    """Raise DataError unless the train range ``[bounds[0], bounds[1])`` of ``source``'s
+    ``bounds[-1]`` documents (split by ``--split split``) holds a document."""
+    if bounds[1] <= bounds[0]:
+        raise DataError(f"--split {split} gives the train split none of the {bounds[-1]} documents of "
+                        f"{source}; give train a larger share, e.g. --split 949,50,1")
 
 
 def _make(name: str, documents: Documents, first: int, stop: int, num_samples: int,
-          config: DataConfig, cache_dir: str | os.PathLike | None) -> GPT2Dataset | None:
+          config: DataConfig, cache_dir: str | os.PathLike | None, source: str) -> GPT2Dataset | None:
     if num_samples <= 0 or stop <= first:
         return None
-    return GPT2Dataset(name, documents, first, stop, num_samples, config.seq_length, config.seed, cache_dir)
+    return GPT2Dataset(name, documents, first, stop, num_samples, config.seq_length, config.seed, cache_dir,
+                       source=source)
+
+
+def _sample_cache_dir(args: DataConfig) -> Path | None:
+    """Where ``--lazy-loader`` runs keep loose JSON's sample indices (None: recomputed)."""
+    if not args.lazy_loader:
+        return None
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    return Path(resolve_corpus(args.train_data[0], args)).resolve().parent / "sample-index-cache"
 
 
 def _from_loose_json(args: DataConfig, tokenizer: AbstractTokenizer,
                      num_samples: tuple[int, int, int]) -> tuple[Dataset | None, ...]:
-    cache_dir = args.cache_dir
-    sample_cache = (Path(cache_dir) if cache_dir else Path(resolve_corpus(args.train_data[0], args))
-                    .resolve().parent / "sample-index-cache") if args.lazy_loader else None
-    train_docs = _load_json_documents(args.train_data, args, tokenizer)
+    sample_cache = _sample_cache_dir(args)
+    train_docs, source = _load_json_documents(args.train_data, args, tokenizer)
+    _require_documents(train_docs, source, "--train-data", args.text_key)
     separate = [args.valid_data, args.test_data]
     if any(separate):
         _log("--valid-data/--test-data given: --train-data is used whole and --split is ignored")
         datasets = [_make("train", train_docs, 0, len(train_docs.sizes), num_samples[0], args,
-                          sample_cache)]
+                          sample_cache, source)]
         for name, paths, count in zip(SPLIT_NAMES[1:], separate, num_samples[1:]):
-            docs = _load_json_documents(paths, args, tokenizer) if paths else None
-            datasets.append(_make(name, docs, 0, len(docs.sizes), count, args, sample_cache)
-                            if docs is not None else None)
+            if not paths:
+                datasets.append(None)
+                continue
+            docs, docs_source = _load_json_documents(paths, args, tokenizer)
+            _require_documents(docs, docs_source, f"--{name}-data", args.text_key)
+            datasets.append(_make(name, docs, 0, len(docs.sizes), count, args, sample_cache, docs_source))
         return tuple(datasets)
     bounds = split_bounds(len(train_docs.sizes), parse_split(args.split))
-    return tuple(_make(name, train_docs, bounds[i], bounds[i + 1], num_samples[i], args, sample_cache)
-                 for i, name in enumerate(SPLIT_NAMES))
+    require_train_documents(bounds, source, args.split)
+    return tuple(_make(name, train_docs, bounds[i], bounds[i + 1], num_samples[i], args, sample_cache,
+                       source) for i, name in enumerate(SPLIT_NAMES))
+
+
+def _open_indexed(prefix: str, tokenizer: AbstractTokenizer, split: str) -> tuple[MMapIndexedDataset, list[int]]:
+    """The dataset of ``prefix`` and its split bounds; DataError if it or its train split is empty."""
+    documents = MMapIndexedDataset(prefix)
+    source = f"{prefix}.bin"
+    if len(documents.sizes) == 0:
+        raise DataError(f"--data-path {prefix}: {source} holds no documents; re-run "
+                        "tools/preprocess_data.py on a corpus with text")
+    _check_vocab(documents, tokenizer, source)
+    bounds = split_bounds(len(documents.sizes), parse_split(split))
+    require_train_documents(bounds, source, split)
+    return documents, bounds
 
 
 def _from_indexed(args: DataConfig, tokenizer: AbstractTokenizer,
                   num_samples: tuple[int, int, int]) -> tuple[Dataset | None, ...]:
     weighted = parse_data_path(args.data_path)
-    fractions = parse_split(args.split)
     weights = [weight for weight, _ in weighted]
     # Samples each dataset must serve per split (at least one, so a blend never lacks a part).
     counts = [[max(c, 1 if n > 0 else 0) for c in blended_counts(weights, n)] for n in num_samples]
     per_prefix = []
     for position, (_, prefix) in enumerate(weighted):
-        documents = MMapIndexedDataset(prefix)
-        _check_vocab(documents, tokenizer, f"{prefix}.bin")
+        documents, bounds = _open_indexed(prefix, tokenizer, args.split)
         cache_dir = Path(args.cache_dir or Path(prefix).resolve().parent)
         cache_dir = cache_dir / f"{Path(prefix).name}.index-cache"
-        bounds = split_bounds(len(documents.sizes), fractions)
         per_prefix.append([_make(name, documents, bounds[i], bounds[i + 1], counts[i][position],
-                                 args, cache_dir) for i, name in enumerate(SPLIT_NAMES)])
+                                 args, cache_dir, f"{prefix}.bin") for i, name in enumerate(SPLIT_NAMES)])
     if len(weighted) == 1:
         return tuple(per_prefix[0])
     result = []
@@ -163,8 +228,10 @@ def _from_indexed(args: DataConfig, tokenizer: AbstractTokenizer,
         if num_samples[i] <= 0 or all(part is None for part in parts):
             result.append(None)
         elif any(part is None for part in parts):
-            raise DataError(f"the {name} split is empty for some --data-path datasets; adjust "
-                            "--split so every dataset has documents in it")
+            empty = [prefix for (_, prefix), part in zip(weighted, parts) if part is None]
+            raise DataError(f"--split {args.split} gives the {name} split no documents of --data-path "
+                            f"{', '.join(empty)} but some of the others; adjust --split so every dataset "
+                            "has documents in it")
         else:
             result.append(BlendedDataset(parts, weights, num_samples[i]))
     return tuple(result)
@@ -177,9 +244,11 @@ def build_train_valid_test_datasets(
     """Train/valid/test datasets of ``{"text": int64[seq_length + 1]}`` samples.
 
     Uses ``--data-path`` (indexed, possibly a weighted blend) if given, else ``--train-data``
-    (loose JSON). A split that gets no documents or 0 requested samples is None. Sample ``i``
-    does not depend on ``train_valid_test_num_samples`` (see ``GPT2Dataset``). Raises
-    ``ConfigError`` subclasses for bad data.
+    (loose JSON). A validation or test split that gets no documents or 0 requested samples is
+    None; the train split is never None. Sample ``i`` does not depend on
+    ``train_valid_test_num_samples`` (see ``GPT2Dataset``). Raises ``ConfigError`` subclasses
+    (``DataError``) for bad data: a corpus, or a ``--valid-data``/``--test-data`` file, with no
+    documents, a ``--split`` that gives the train split none, a split too small for one sample.
     """
     if args.data_path:
         datasets = _from_indexed(args, tokenizer, train_valid_test_num_samples)

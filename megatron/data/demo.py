@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from megatron.data.cache import build_once
+from megatron.data.cache import build_once, make_cache_dir
 from megatron.tokenizer.training import train_byte_level_bpe
 
 DEMO_VOCAB_SIZE = 8000
@@ -29,6 +29,7 @@ TARGET_BYTES = 3_000_000
 PACKAGES = ("numpy", "torch", "deepspeed", "tokenizers", "nltk", "tqdm", "ftfy", "datasketch",
             "safetensors", "tensorboard", "matplotlib", "regex")
 SKIP_PARTS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "_vendor", "vendored"}
+DEMO_DIR_FIX = "pass --demo-data-dir a writable directory for the demo corpus"
 FILES = {"data": "demo.json", "vocab": "gpt2-vocab.json", "merges": "gpt2-merges.txt"}
 
 
@@ -104,8 +105,7 @@ def ensure_demo_corpus(output_dir: str | os.PathLike = "data/demo") -> dict[str,
     Safe to call from every rank at once: one builds, the others wait on a file lock. Files are
     moved in only when complete, and a ``.complete`` marker written last says the set is whole.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = make_cache_dir(output_dir, DEMO_DIR_FIX)
     marker = output_dir / ".complete"
 
     def build(tmp_marker: Path) -> None:
@@ -116,5 +116,5 @@ def ensure_demo_corpus(output_dir: str | os.PathLike = "data/demo") -> dict[str,
             shutil.rmtree(scratch, ignore_errors=True)
         tmp_marker.write_text("demo corpus complete\n")
 
-    build_once(marker, build, is_complete=_is_complete)
+    build_once(marker, build, is_complete=_is_complete, fix=DEMO_DIR_FIX)
     return {key: output_dir / name for key, name in FILES.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron.data.cache import build_once
+from megatron.data.cache import load_or_build, make_cache_dir
 from megatron.data.documents import Documents
 from megatron.data.errors import DataError
 
@@ -31,11 +31,15 @@ class GPT2Dataset(torch.utils.data.Dataset):
 
     With ``cache_dir`` each epoch's shuffles are saved there once (atomically, whichever rank
     comes first) and loaded by the others; without it they are recomputed (cheap for small data).
+    A cache file that cannot be read, or holds arrays of the wrong shape or range, is rebuilt.
     Indices past ``num_samples`` are valid too (more epochs), which blending relies on.
+    ``source`` names the data in errors. Raises DataError when the range holds fewer tokens than
+    one sample, or ``cache_dir`` cannot be written.
     """
 
     def __init__(self, name: str, documents: Documents, first: int, stop: int, num_samples: int,
-                 seq_length: int, seed: int, cache_dir: str | os.PathLike | None = None) -> None:
+                 seq_length: int, seed: int, cache_dir: str | os.PathLike | None = None, *,
+                 source: str = "") -> None:
         self.name, self.documents = name, documents
         self.doc_ids = np.arange(first, stop, dtype=np.int64)
         self.num_samples, self.seq_length, self.seed = num_samples, seq_length, seed
@@ -43,7 +47,8 @@ class GPT2Dataset(torch.utils.data.Dataset):
         tokens_per_epoch = int(self.doc_sizes.sum())
         self.samples_per_epoch = max(tokens_per_epoch - 1, 0) // seq_length
         if self.samples_per_epoch == 0:
-            raise DataError(f"the {name} split has {stop - first} documents with {tokens_per_epoch} "
+            of = f" of {source}" if source else ""
+            raise DataError(f"the {name} split{of} has {stop - first} documents with {tokens_per_epoch} "
                             f"tokens, fewer than one sample of --seq-length {seq_length} + 1; "
                             "lower --seq-length, give this split more data with --split, or add data")
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -104,17 +109,25 @@ class GPT2Dataset(torch.utils.data.Dataset):
     def _load_or_build_shuffles(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self.cache_dir is None:
             return self._shuffles(epoch)
-        target = self.cache_dir / f"{self._cache_key()}_epoch{epoch}.npz"
+        target = make_cache_dir(self.cache_dir) / f"{self._cache_key()}_epoch{epoch}.npz"
 
         def build(tmp: Path) -> None:
             doc_order, sample_order = self._shuffles(epoch)
             with open(tmp, "wb") as handle:
                 np.savez(handle, doc_order=doc_order, sample_order=sample_order)
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        build_once(target, build)
-        with np.load(target) as arrays:
-            return arrays["doc_order"], arrays["sample_order"]
+        return load_or_build(target, build, self._read_shuffles)
+
+    def _read_shuffles(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """The two permutations cached in ``path``; ValueError unless they have this split's
+        lengths and index range (a damaged or foreign file)."""
+        with np.load(path, allow_pickle=False) as arrays:
+            doc_order, sample_order = arrays["doc_order"], arrays["sample_order"]
+        for array, size in ((doc_order, len(self.doc_ids)), (sample_order, self.samples_per_epoch)):
+            if array.shape != (size,) or array.dtype.kind not in "iu" or \
+                    (size and (int(array.min()) < 0 or int(array.max()) >= size)):
+                raise ValueError(f"expected a permutation of {size} indices, found {array.dtype} {array.shape}")
+        return doc_order, sample_order
 
     def _cache_key(self) -> str:
         """Name of this split's sample index: everything a sample depends on."""

@@ -70,6 +70,14 @@ class IndexedDatasetBuilder:
         self._sizes.append(array.size)
         self._doc_idx.append(len(self._sizes))
 
+    @property
+    def num_documents(self) -> int:
+        return len(self._sizes)
+
+    def close(self) -> None:
+        """Close the ``.bin`` without writing an index (an abandoned build; idempotent)."""
+        self._bin.close()
+
     def finalize(self, idx_path: str | os.PathLike) -> None:
         """Close the ``.bin`` and write the ``.idx``."""
         self._bin.close()
@@ -93,6 +101,20 @@ def write_index(idx_path: str | os.PathLike, dtype: np.dtype, sizes: np.ndarray,
         handle.write(doc_idx.astype("<i8").tobytes(order="C"))
 
 
+def check_prefix_files(prefix: str | os.PathLike) -> tuple[Path, Path]:
+    """``(prefix.idx, prefix.bin)``; IndexedDatasetError naming the file unless both are files."""
+    paths = index_file_path(prefix), data_file_path(prefix)
+    for path in paths:
+        if path.is_dir():
+            raise IndexedDatasetError(f"{path} is a directory, not a file; --data-path takes the prefix of a "
+                                      ".bin/.idx pair written by tools/preprocess_data.py")
+        if not path.is_file():
+            raise IndexedDatasetError(
+                f"{path} does not exist; --data-path takes the prefix of a .bin/.idx pair "
+                "written by tools/preprocess_data.py (e.g. my-corpus_text_document)")
+    return paths
+
+
 class MMapIndexedDataset:
     """Read-only view of ``prefix.bin``/``prefix.idx``; ``get(i)`` is document ``i``'s tokens.
 
@@ -105,12 +127,7 @@ class MMapIndexedDataset:
         self._open()
 
     def _open(self) -> None:
-        idx_path, bin_path = index_file_path(self.prefix), data_file_path(self.prefix)
-        for path in (idx_path, bin_path):
-            if not path.is_file():
-                raise IndexedDatasetError(
-                    f"{path} does not exist; --data-path takes the prefix of a .bin/.idx pair "
-                    "written by tools/preprocess_data.py (e.g. my-corpus_text_document)")
+        idx_path, bin_path = check_prefix_files(self.prefix)
         self.dtype, self.sizes, self.pointers, self.doc_idx = _read_index(idx_path)
         self._bin = _map_bin(bin_path, self.dtype, self.sizes, self.pointers)
 

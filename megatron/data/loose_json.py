@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from megatron.data.cache import build_once
+from megatron.data.cache import load_or_build, make_cache_dir
 from megatron.data.documents import InMemoryDocuments
 from megatron.data.errors import LooseJSONError
 from megatron.data.indexed_dataset import (
@@ -46,8 +47,10 @@ class ReadStats:
                 f"{self.bad_lines} bad lines skipped")
 
 
-def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key: str) -> str:
-    """The text of one JSON line; raises LooseJSONError naming ``path:number``."""
+def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key: str,
+                    key_flag: str = "--text-key") -> str:
+    """The text of one JSON line; raises LooseJSONError naming ``path:number`` (and ``key_flag``,
+    the flag that names the key, when the key is missing)."""
     try:
         record = json.loads(line.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -57,12 +60,36 @@ def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key:
     if not isinstance(record, dict) or text_key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise LooseJSONError(f"{path}:{number}: no {text_key!r} key (found {keys}); set "
-                             "--text-key to the field holding the document text")
+                             f"{key_flag} to the field holding the document text")
     text = record[text_key]
     if not isinstance(text, str):
         raise LooseJSONError(f"{path}:{number}: {text_key!r} is a {type(text).__name__}, "
                              "expected a string")
     return text
+
+
+def check_corpus_file(path: str | os.PathLike, flag: str = "--train-data") -> None:
+    """Raise LooseJSONError naming ``flag`` unless ``path`` is a readable file (not missing, not a
+    directory)."""
+    what = "a loose-JSON file (one {\"text\": ...} per line)"
+    if flag == "--train-data":
+        what += " or a registered corpus name (demo, webtext)"
+    if os.path.isdir(path):
+        raise LooseJSONError(f"{flag} {path} is a directory; pass {what}")
+    if not os.path.isfile(path):
+        raise LooseJSONError(f"{flag} {path} does not exist; pass {what}")
+    if not os.access(path, os.R_OK):
+        raise LooseJSONError(f"{flag} {path} is not readable (permission denied); fix its permissions")
+
+
+def open_corpus(path: str | os.PathLike) -> BinaryIO:
+    """``path`` opened for reading bytes; LooseJSONError naming it if it is missing, a directory or
+    unreadable."""
+    check_corpus_file(path)
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except OSError as error:
+        raise LooseJSONError(f"cannot read {path} ({error.strerror}); check the path and its permissions") from None
 
 
 def iter_json_texts(path: str | os.PathLike, text_key: str = "text", skip_bad_lines: bool = False,
@@ -73,10 +100,7 @@ def iter_json_texts(path: str | os.PathLike, text_key: str = "text", skip_bad_li
     Malformed lines raise ``LooseJSONError`` unless ``skip_bad_lines``.
     """
     stats = stats if stats is not None else ReadStats()
-    if not os.path.isfile(path):
-        raise LooseJSONError(f"{path} does not exist; --train-data takes a loose-JSON file "
-                             "(one {\"text\": ...} per line) or a registered corpus name")
-    with open(path, "rb") as handle:
+    with open_corpus(path) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -119,6 +143,7 @@ def tokenize_in_memory(path: str | os.PathLike, tokenizer: AbstractTokenizer,
 def lazy_cache_dir(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_key: str,
                    skip_bad_lines: bool, cache_dir: str | os.PathLike | None) -> Path:
     """Where ``--lazy-loader`` caches ``path``: keyed by file identity, tokenizer and options."""
+    check_corpus_file(path)
     source = Path(path).resolve()
     stat = source.stat()
     key = json.dumps([CACHE_VERSION, str(source), stat.st_size, stat.st_mtime_ns,
@@ -128,12 +153,19 @@ def lazy_cache_dir(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_k
     return parent / f"{source.stem}.cache" / f"{digest}"
 
 
+def _open_cached(target: Path) -> MMapIndexedDataset:
+    """The lazy-loader cache in ``target``; raises if it is damaged (see ``MMapIndexedDataset``)."""
+    return MMapIndexedDataset(target / "text_document")
+
+
 def tokenize_cached(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_key: str = "text",
                     skip_bad_lines: bool = False,
                     cache_dir: str | os.PathLike | None = None) -> MMapIndexedDataset:
-    """Like ``tokenize_in_memory`` but via an on-disk indexed dataset built once, atomically."""
+    """Like ``tokenize_in_memory`` but via an on-disk indexed dataset built once, atomically (and
+    rebuilt, with a note, if damaged). Raises LooseJSONError for a missing or unreadable ``path``,
+    DataError when the cache directory cannot be written (pass ``cache_dir``)."""
     target = lazy_cache_dir(path, tokenizer, text_key, skip_bad_lines, cache_dir)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_cache_dir(target.parent)
 
     def build(tmp: Path) -> None:
         tmp.mkdir()
@@ -145,5 +177,4 @@ def tokenize_cached(path: str | os.PathLike, tokenizer: AbstractTokenizer, text_
         builder.finalize(tmp / "text_document.idx")
         print(f"built lazy-loader cache {target}: {stats.summary(path)}", file=sys.stderr)
 
-    build_once(target, build)
-    return MMapIndexedDataset(target / "text_document")
+    return load_or_build(target, build, _open_cached)

@@ -11,6 +11,7 @@ arguments; model-parallel rank 0's tokens are broadcast so every rank decodes al
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,11 @@ class SamplingSettings:
     top_p: float = 0.0
 
     def validate(self) -> None:
+        """Raise ConfigError for a temperature that is not a finite number (nan, inf: even with
+        --greedy, which ignores it) or not positive, a negative top-k, a top-p (nan included)
+        outside [0, 1], or top-k and top-p together."""
+        if not math.isfinite(self.temperature):
+            raise ConfigError(f"--temperature must be a finite positive number, got {self.temperature}")
         if not self.greedy and self.temperature <= 0:
             raise ConfigError(f"--temperature must be positive, got {self.temperature} (use --greedy for argmax)")
         if self.top_k < 0:

@@ -1,7 +1,8 @@
 """The data iterators of a training run, shared by every pretraining entry point (GPT-2, BERT).
 
 Datasets are built on model-parallel rank 0 of each group (the other ranks get their batches by
-broadcast); the training iterator resumes at the samples already consumed.
+broadcast); the training iterator resumes at the samples already consumed. A build that fails on
+one rank stops every rank (see ``build_data_iterators``).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from megatron import mpu
 from megatron.config import RunConfig
+from megatron.data.errors import DataError
+from megatron.errors import ConfigError, TrainingAborted
 
 # build_datasets(run, (train, valid, test) samples) -> three datasets (None: no such split)
 DatasetsBuilder = Callable[[RunConfig, tuple[int, int, int]], tuple[Any, Any, Any]]
@@ -52,27 +54,75 @@ def _cycle(loader: Any) -> Iterator:
         yield from loader
 
 
+def _build_iterators(run: RunConfig, consumed_samples: int, build_datasets: DatasetsBuilder,
+                     build_loader: LoaderBuilder) -> list[Iterator | None]:
+    """This rank's train/valid/test iterators (model-parallel rank 0 only); DataError if the
+    datasets include no training samples."""
+    training = run.training
+    datasets = build_datasets(run, requested_samples(run))
+    if datasets[0] is None or len(datasets[0]) == 0:
+        raise DataError("the training data gives no training samples; check --train-data/--data-path "
+                        "and that --split gives the train split documents")
+    consumed = (consumed_samples, 0, 0)
+    micro = (training.micro_batch_size, training.eval_batch_size, training.eval_batch_size)
+    iterators: list[Iterator | None] = [None, None, None]
+    for i, dataset in enumerate(datasets):
+        if dataset is not None and len(dataset) > 0:
+            loader = build_loader(dataset, micro[i], run.data.num_workers, consumed[i],
+                                  mpu.get_data_parallel_rank(), run.parallel.data_parallel_size)
+            iterators[i] = iter(loader) if i == 0 else _cycle(loader)
+    return iterators
+
+
+@dataclass(frozen=True)
+class _BuildReport:
+    """What one rank tells the others after building its iterators."""
+
+    error_type: str | None  # the exception's class name when the build failed, else None
+    message: str
+    user_error: bool  # the failure was a ConfigError (bad data or flags)
+    has_valid: bool
+    has_test: bool
+
+
+def _raise_agreed_failure(own_error: Exception | None, reports: list[_BuildReport]) -> None:
+    """Raise on every rank if any rank's build failed: a failed rank re-raises its own error, the
+    others a one-line error naming the failed rank (a ``DataError`` for a user error, else
+    ``TrainingAborted``: that rank's traceback has the cause)."""
+    if own_error is not None:
+        raise own_error
+    for rank, report in enumerate(reports):
+        if report.error_type is not None and report.user_error:
+            raise DataError(f"rank {rank} could not build the datasets: {report.message}")
+        if report.error_type is not None:
+            raise TrainingAborted(f"rank {rank} failed building the datasets ({report.error_type}: "
+                                  f"{report.message[:300]}); its traceback has the cause")
+
+
 def build_data_iterators(run: RunConfig, consumed_samples: int, build_datasets: DatasetsBuilder,
                          build_loader: LoaderBuilder) -> DataIterators:
     """Iterators on model-parallel rank 0 of each group (None elsewhere: the batches are
     broadcast); whether validation and test run is agreed on every rank.
 
-    The training iterator resumes at ``consumed_samples``; evaluation iterators cycle.
+    Every rank calls it; the ranks exchange one report (an all-gather over the world) after the
+    builds, so a build that fails on any rank (e.g. ``DataError``: a corpus with no documents)
+    stops every rank promptly: the failed ranks raise their error, the others a one-line
+    ``DataError`` (or ``TrainingAborted`` for a bug) naming the failed rank, instead of waiting in
+    the next collective. The training iterator resumes at ``consumed_samples``; evaluation
+    iterators cycle.
     """
-    training = run.training
-    flags = torch.zeros(2, dtype=torch.long, device=mpu.communication_device())
-    iterators: list[Any] = [None, None, None]
+    iterators: list[Iterator | None] = [None, None, None]
+    failure: Exception | None = None
     if mpu.get_model_parallel_rank() == 0:
-        datasets = build_datasets(run, requested_samples(run))
-        consumed = (consumed_samples, 0, 0)
-        micro = (training.micro_batch_size, training.eval_batch_size, training.eval_batch_size)
-        for i, dataset in enumerate(datasets):
-            if dataset is not None and len(dataset) > 0:
-                loader = build_loader(dataset, micro[i], run.data.num_workers, consumed[i],
-                                      mpu.get_data_parallel_rank(), run.parallel.data_parallel_size)
-                iterators[i] = iter(loader) if i == 0 else _cycle(loader)
-        flags[0], flags[1] = int(iterators[1] is not None), int(iterators[2] is not None)
-    dist.broadcast(flags, 0)
-    evaluates = training.eval_iters > 0
-    return DataIterators(iterators[0], iterators[1], iterators[2], do_valid=bool(flags[0]) and evaluates,
-                         do_test=bool(flags[1]) and evaluates)
+        try:
+            iterators = _build_iterators(run, consumed_samples, build_datasets, build_loader)
+        except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = error
+    report = _BuildReport(None if failure is None else type(failure).__name__, "" if failure is None else str(failure),
+                          isinstance(failure, ConfigError), iterators[1] is not None, iterators[2] is not None)
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report)
+    _raise_agreed_failure(failure, reports)
+    evaluates = run.training.eval_iters > 0
+    return DataIterators(iterators[0], iterators[1], iterators[2], do_valid=reports[0].has_valid and evaluates,
+                         do_test=reports[0].has_test and evaluates)

@@ -114,3 +114,8 @@ def test_bad_input_is_a_one_line_error(model_pair: tuple[Path, Path], tmp_path: 
     for task in ([], ["--cloze-eval"]):
         assert_one_line_error(run_tool("evaluate_gpt2.py", "--load", str(ckpt), *TOKENIZER, *DIVISIBLE,
                                        "--valid-data", str(latin1), *task, check=False), "is not UTF-8 text")
+    text = tmp_path / "wiki.txt"
+    text.write_text("a few words of text\n")
+    assert_one_line_error(run_tool("evaluate_gpt2.py", "--load", str(ckpt), *TOKENIZER, *DIVISIBLE, "--valid-data",
+                                   str(text), "--results-json", str(tmp_path / "missing" / "r.json"), check=False),
+                          f"--results-json {tmp_path / 'missing' / 'r.json'}: the directory")

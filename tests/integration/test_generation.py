@@ -118,3 +118,10 @@ def test_bad_input_is_a_one_line_error(model_pair: tuple[Path, Path], tmp_path: 
     latin1.write_bytes("caf\u00e9\n".encode("latin-1"))  # a traceback (UnicodeDecodeError) before and after the restructure
     assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *TOKENIZER, "--greedy",
                                    "--sample-input-file", str(latin1), check=False), "is not UTF-8 text")
+    # Issue 16: a RuntimeError from multinomial, and a missing directory found only after the model loaded.
+    assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *common, "--temperature", "nan",
+                                   check=False), "--temperature must be a finite positive number, got nan")
+    assert_one_line_error(run_tool("generate_samples.py", "--load", str(ckpt), *common, "--sample-output-file",
+                                   str(tmp_path / "missing" / "out.txt"), check=False),
+                          f"the directory {tmp_path / 'missing'} does not exist")
+    assert not (tmp_path / "missing").exists()

@@ -129,3 +129,21 @@ def test_lazy_cache_survives_killed_build(tmp_path, demo_paths):
     assert len(documents) == 5000
     assert documents.get(4999).tolist() == tokenizer.tokenize(sentences(5000)[4999]) + [tokenizer.eod]
     assert not list(target.parent.glob(f".{target.name}.tmp*"))
+
+
+def test_a_damaged_sample_index_cache_is_rebuilt(tmp_path, demo_paths, capsys):
+    """A truncated .index-cache/*.npz was a BadZipFile traceback; it is a cache, so rebuild it."""
+    from megatron.data.loose_json import tokenize_in_memory
+
+    corpus = write_json_lines(tmp_path / "c.json", sentences(200))
+    documents = tokenize_in_memory(corpus, GPT2BPETokenizer(str(demo_paths["vocab"]), str(demo_paths["merges"])))
+    cache = tmp_path / "index"
+    expected = GPT2Dataset("train", documents, 0, len(documents.sizes), 50, 16, 7, cache)[49]["text"].tolist()
+    for damage in (lambda data: data[: len(data) // 2], lambda data: b"not a zip at all"):
+        for path in cache.glob("*.npz"):
+            path.write_bytes(damage(path.read_bytes()))
+        capsys.readouterr()
+        rebuilt = GPT2Dataset("train", documents, 0, len(documents.sizes), 50, 16, 7, cache)
+        assert rebuilt[49]["text"].tolist() == expected
+        err = capsys.readouterr().err
+        assert "is damaged" in err and "rebuilding it" in err

@@ -72,14 +72,21 @@ def test_tool_user_errors_are_one_line(tmp_path, demo_paths):
     common = ["--output-prefix", str(tmp_path / "o"), "--vocab-file", str(demo_paths["vocab"]),
               "--merge-file", str(demo_paths["merges"]), "--no-progress"]
     code, _, err = run_data_tool("preprocess_data.py", "--input", str(tmp_path / "bad.json"), *common)
-    assert code == 1 and "bad.json:2: malformed JSON" in err and "Traceback" not in err
+    assert code == 2 and "bad.json:2: malformed JSON" in err and "Traceback" not in err
     assert not list(tmp_path.glob("o_*"))  # nothing half-written
     code, out, _ = run_data_tool("preprocess_data.py", "--input", str(tmp_path / "bad.json"),
                             "--skip-bad-lines", *common)
     assert code == 0 and "1 bad lines skipped" in out
     code, _, err = run_data_tool("preprocess_data.py", "--input", str(tmp_path / "bad.json"),
                             *common[:4], "--merge-file", str(tmp_path / "missing.txt"))
-    assert code == 1 and "missing.txt does not exist" in err and "Traceback" not in err
+    assert code == 2 and "missing.txt does not exist" in err and "Traceback" not in err
+    # Issue 16: an empty input wrote an empty dataset and exited 0.
+    for name, content in (("empty.json", ""), ("blank.json", '{"text": ""}\n')):
+        (tmp_path / name).write_text(content)
+        code, _, err = run_data_tool("preprocess_data.py", "--input", str(tmp_path / name), "--output-prefix",
+                                     str(tmp_path / "empty"), *common[2:])
+        assert code == 2 and f"{name} holds no documents with text" in err and "Traceback" not in err
+        assert not list(tmp_path.glob("empty_*"))
 
 
 def test_foreign_writer_loads_in_training(tmp_path, demo_paths, demo_tokenizer):
