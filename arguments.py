@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from megatron import mpu
+from megatron.backends.deepspeed import check_deepspeed_config
 from megatron.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -38,6 +39,7 @@ from megatron.data.arguments import add_data_args, data_config, validate_data_ar
 from megatron.errors import ConfigError
 from megatron.launch import LaunchEnv, read_launch_env
 from megatron.model.config import ModelConfig
+from megatron.tokenizer import tokenizer_fingerprint
 
 
 def add_model_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -112,6 +114,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--no-load-rng", action="store_true", help="do not load the RNG states")
     group.add_argument("--finetune", action="store_true",
                        help="load model weights only; start at iteration 0 with fresh optimizer and RNG")
+    group.add_argument("--override-tokenizer-check", action="store_true",
+                       help="load a checkpoint recorded with other tokenizer files (deliberate vocabulary surgery)")
     group.add_argument("--reset-position-ids", action="store_true", help="restart position ids after each <|endoftext|>")
     group.add_argument("--reset-attention-mask", action="store_true", help="no attention across <|endoftext|>")
     group.add_argument("--eod-mask-loss", action="store_true", help="no loss on the <|endoftext|> token")
@@ -129,7 +133,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--keep-last-n", type=int, default=None,
                        help="keep only the newest N complete checkpoints (default: keep all)")
     group.add_argument("--exit-signal-handler", action="store_true",
-                       help="on SIGTERM, save a checkpoint and exit cleanly")
+                       help="on SIGTERM or SIGINT, save a checkpoint and exit cleanly")
     group.add_argument("--exit-interval", type=int, default=None,
                        help="save a checkpoint and exit when the iteration is a multiple of this")
     group.add_argument("--exit-duration-in-mins", type=float, default=None,
@@ -352,6 +356,9 @@ def validate_deepspeed_args(args: argparse.Namespace) -> None:
         return
     if not args.deepspeed_config:
         raise ConfigError("--deepspeed needs --deepspeed_config PATH (a DeepSpeed JSON config; see scripts/ds_*.json)")
+    if args.no_save_optim:
+        raise ConfigError("--no-save-optim is not supported with --deepspeed: the engine always writes its optimizer "
+                          "state (ZeRO partitions); drop the flag")
     read_deepspeed_json(args.deepspeed_config)
 
 
@@ -411,6 +418,7 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
     config.setdefault("gradient_clipping", args.clip_grad)
     config.setdefault("steps_per_print", 10**9)  # the training loop logs
     config.setdefault("wall_clock_breakdown", False)
+    check_deepspeed_config(config, args.deepspeed_config)
     section = DeepSpeedConfig(
         enabled=True, config_path=args.deepspeed_config, config_json=json.dumps(config, sort_keys=True),
         activation_checkpointing=args.deepspeed_activation_checkpointing,
@@ -443,7 +451,8 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     return CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval, keep_last_n=args.keep_last_n,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, load_optim=not args.no_load_optim,
-        load_rng=not args.no_load_rng, finetune=args.finetune)
+        load_rng=not args.no_load_rng, finetune=args.finetune,
+        override_tokenizer_check=args.override_tokenizer_check)
 
 
 def logging_config(args: argparse.Namespace) -> LoggingConfig:
@@ -473,6 +482,7 @@ def build_run_config(args: argparse.Namespace, vocab_size: int, eod_token: int,
         parallel=parallel, precision=precision, optimizer=optimizer_config(args),
         training=training_config(args, accumulation), logging=logging_config(args),
         checkpoint=checkpoint_config(args), deepspeed=deepspeed, eod_token=eod_token,
+        tokenizer_sha256=tokenizer_fingerprint(data_config(args, args.seed)),
         flags_json=json.dumps(vars(args), sort_keys=True, default=str))
     warn_pipeline_bubble(run)
     return run

@@ -135,6 +135,7 @@ class CheckpointConfig:
     load_optim: bool = True  # not --no-load-optim
     load_rng: bool = True  # not --no-load-rng
     finetune: bool = False  # weights only; iteration 0, fresh optimizer and RNG
+    override_tokenizer_check: bool = False  # load a checkpoint trained with other tokenizer files
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class RunConfig:
     checkpoint: CheckpointConfig
     deepspeed: DeepSpeedConfig
     eod_token: int
+    tokenizer_sha256: str = ""  # megatron.tokenizer.tokenizer_fingerprint of the run's tokenizer files
     flags_json: str = "{}"  # every parsed flag as given (entry-point flags too), for the experiment record
 
     @property

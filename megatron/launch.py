@@ -12,6 +12,9 @@ import os
 import random
 import socket
 import subprocess
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,15 +71,19 @@ def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> i
                           "(torchrun, deepspeed, mpirun, srun): fix or unset it") from None
 
 
-def _checked(launch: LaunchEnv, source: str) -> LaunchEnv:
-    """``launch`` if its values can form a process group, else a ConfigError naming them."""
+def _checked(launch: LaunchEnv, names: tuple[str, str, str]) -> LaunchEnv:
+    """``launch`` if its values can form a process group, else a ConfigError naming the variable
+    (``names``: the launcher's rank, world-size and local-rank variables)."""
+    rank, size, local = names
     if launch.world_size < 1:
-        raise ConfigError(f"world size {launch.world_size} ({source}) must be at least 1")
+        raise ConfigError(f"{size}={launch.world_size} must be at least 1; fix the launcher's variables or unset them")
     if not 0 <= launch.rank < launch.world_size:
-        raise ConfigError(f"rank {launch.rank} ({source}) must be in [0, {launch.world_size - 1}] "
-                          f"for a world size of {launch.world_size}")
+        raise ConfigError(f"{rank}={launch.rank} must be in [0, {launch.world_size - 1}] for {size}="
+                          f"{launch.world_size}; fix the launcher's variables or unset them")
     if launch.local_rank < 0:
-        raise ConfigError(f"local rank {launch.local_rank} ({source}) must be >= 0")
+        raise ConfigError(f"{local}={launch.local_rank} must be >= 0; fix the launcher's variables or unset them")
+    if not launch.master_addr.strip():
+        raise ConfigError("MASTER_ADDR is set but empty; set it to the rank-0 host (e.g. 127.0.0.1) or unset it")
     port = launch.master_port
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"MASTER_PORT={launch.master_port!r} is not a TCP port (0-65535); fix or unset it")
@@ -94,16 +101,16 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     port = env.get("MASTER_PORT", "6000")
     if "RANK" in env and "WORLD_SIZE" in env:
         return _checked(LaunchEnv(_env_int(env, "RANK"), _env_int(env, "WORLD_SIZE"), _env_int(env, "LOCAL_RANK", 0),
-                                  env.get("MASTER_ADDR", "127.0.0.1"), port), "RANK, WORLD_SIZE, LOCAL_RANK")
+                                  env.get("MASTER_ADDR", "127.0.0.1"), port), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if "OMPI_COMM_WORLD_RANK" in env:
         return _checked(LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK"), _env_int(env, "OMPI_COMM_WORLD_SIZE"),
                                   _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
-                                  port), "OMPI_COMM_WORLD_*")
+                                  port), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return _checked(LaunchEnv(_env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"),
-                                  _env_int(env, "SLURM_LOCALID", 0), addr, port), "SLURM_PROCID, SLURM_NTASKS")
-    return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), "single process")
+                                  _env_int(env, "SLURM_LOCALID", 0), addr, port), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+    return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
 def initialize_distributed(parallel: ParallelConfig) -> None:
@@ -116,13 +123,20 @@ def initialize_distributed(parallel: ParallelConfig) -> None:
     os.environ.update(MASTER_ADDR=parallel.master_addr, MASTER_PORT=parallel.master_port,
                       RANK=str(parallel.rank), WORLD_SIZE=str(parallel.world_size),
                       LOCAL_RANK=str(parallel.local_rank))
-    dist.init_process_group(
-        backend=parallel.distributed_backend,
-        init_method=f"tcp://{parallel.master_addr}:{parallel.master_port}",
-        rank=parallel.rank,
-        world_size=parallel.world_size,
-        timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
-    )
+    try:
+        dist.init_process_group(
+            backend=parallel.distributed_backend,
+            init_method=f"tcp://{parallel.master_addr}:{parallel.master_port}",
+            rank=parallel.rank,
+            world_size=parallel.world_size,
+            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
+        )
+    except dist.DistNetworkError as error:
+        if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
+            raise ConfigError(f"MASTER_PORT {parallel.master_port} on {parallel.master_addr} is already in use by "
+                              "another process (another job?): pick a free port, or unset MASTER_PORT for a "
+                              "single process") from None
+        raise
 
 
 def set_random_seed(seed: int) -> None:
@@ -133,8 +147,88 @@ def set_random_seed(seed: int) -> None:
     mpu.model_parallel_cuda_manual_seed(seed)
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of ``pid`` (from /proc), None if it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _command_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class LauncherWatch:
+    """The launcher a worker must not outlive: its parent (torchrun's agent, or the deepspeed
+    launcher's per-node ``launch.py``) and, under the deepspeed launcher, the parent's parent (the
+    ``deepspeed`` command itself, which does not stop ``launch.py`` when it is killed). Either
+    being re-parented means the launcher is gone."""
+
+    parent: int
+    grandparent: int | None
+
+    def alive(self) -> bool:
+        if os.getppid() != self.parent:
+            return False
+        return self.grandparent is None or _parent_of(self.parent) == self.grandparent
+
+
+_LAUNCHER: LauncherWatch | None = None
+
+
+def find_launcher(environ: Mapping[str, str] | None = None) -> LauncherWatch | None:
+    """The launcher that started this process, if it is torchrun or the deepspeed launcher."""
+    env = os.environ if environ is None else environ
+    parent = os.getppid()
+    command = _command_of(parent)
+    if "deepspeed.launcher.launch" in command:
+        return LauncherWatch(parent, _parent_of(parent))
+    if "TORCHELASTIC_RUN_ID" in env or "torch.distributed.run" in command or "torchrun" in command:
+        return LauncherWatch(parent, None)
+    return None
+
+
+def exit_orphaned(watch: LauncherWatch) -> None:
+    """Leave at once: nothing of this worker may outlive its launcher (no checkpoint is started)."""
+    rank = os.environ.get("RANK", "0")
+    print(f"error (rank {rank}): the launcher (pid {watch.parent}) is gone; exiting without writing another "
+          "checkpoint", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def watch_launcher(interval_s: float = 0.5) -> None:
+    """Under a launcher, exit this worker within ``interval_s`` of the launcher's death (a killed
+    torchrun or deepspeed launcher otherwise leaves its workers training and saving)."""
+    global _LAUNCHER
+    _LAUNCHER = find_launcher()
+    if _LAUNCHER is None:
+        return
+
+    def watch(launcher: LauncherWatch) -> None:
+        while launcher.alive():
+            time.sleep(interval_s)
+        exit_orphaned(launcher)
+
+    threading.Thread(target=watch, args=(_LAUNCHER,), name="launcher-watch", daemon=True).start()
+
+
+def ensure_launcher_alive() -> None:
+    """Exit at once if this worker's launcher died (called before starting a checkpoint)."""
+    if _LAUNCHER is not None and not _LAUNCHER.alive():
+        exit_orphaned(_LAUNCHER)
+
+
 def initialize_megatron(parallel: ParallelConfig, seed: int) -> None:
-    """Distributed start-up, model-parallel groups and seeds; every rank calls it."""
+    """Distributed start-up, model-parallel groups and seeds; every rank calls it. Under a
+    launcher, a watchdog ends this process if the launcher dies."""
+    watch_launcher()
     initialize_distributed(parallel)
     mpu.initialize_model_parallel(parallel.model_parallel_size, parallel.pipe_parallel_size)
     set_random_seed(seed)

@@ -30,12 +30,15 @@ from megatron.checkpoint.convert import (  # noqa: E402
     repad_checkpoint,
     write_megatron_checkpoint,
 )
+from megatron.checkpoint.layout import TRACKER_FILENAME, check_tokenizer, complete_iterations  # noqa: E402
+from megatron.checkpoint.lock import DirectoryLock  # noqa: E402
 from megatron.errors import ConfigError  # noqa: E402
 from megatron.model.hf_gpt2 import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from megatron.mpu import pad_vocab_size  # noqa: E402
-from megatron.tokenizer import TokenizerFileError, build_tokenizer  # noqa: E402
+from megatron.tokenizer import TokenizerFileError, build_tokenizer, tokenizer_identity  # noqa: E402
 
 HF_WEIGHTS = "model.safetensors"
+HF_CONFIG_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,16 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
                              help="true vocabulary size (default: from --vocab-file, else the padded size)")
         command.add_argument("--vocab-file", default=None, help="tokenizer vocab.json (copied by to-hf)")
         command.add_argument("--merge-file", default=None, help="tokenizer merges.txt (copied by to-hf)")
+        command.add_argument("--override-tokenizer-check", action="store_true",
+                             help="accept tokenizer files other than the ones the checkpoint was trained with")
     parser.set_defaults(tokenizer_type="GPT2BPETokenizer")  # GPT-2's BPE: --vocab-file + --merge-file
     return parser
 
 
 def true_vocab_size(args: argparse.Namespace, checkpoint: Checkpoint) -> int:
-    """--vocab-size, else the tokenizer's, else every row of the checkpoint (padding included)."""
+    """--vocab-size, else the tokenizer's (which must be the checkpoint's), else the one the
+    checkpoint recorded, else every row of the checkpoint (padding included)."""
     if args.vocab_size is not None:
         size = args.vocab_size
     elif args.vocab_file or args.merge_file:
-        size = build_tokenizer(args).vocab_size
+        tokenizer = build_tokenizer(args)
+        check_tokenizer(checkpoint.model_config, tokenizer_identity(args, tokenizer), args.load,
+                        args.override_tokenizer_check)
+        size = tokenizer.vocab_size
+    elif "vocab_size" in checkpoint.model_config:
+        size = checkpoint.model_config["vocab_size"]
     else:
         size = checkpoint.padded_vocab_size
         print(f" note: no --vocab-size or --vocab-file; keeping all {size} embedding rows", flush=True)
@@ -96,12 +107,41 @@ def hf_config(model_config: dict[str, int], vocab_size: int, eod: int | None) ->
     }
 
 
+def check_hf_output(output: str) -> None:
+    """``--output`` is a new (or empty) directory: an export never overwrites files."""
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ConfigError(f"--output {output} is a file; name a directory to create")
+    taken = [name for name in (HF_WEIGHTS, "config.json") if os.path.exists(os.path.join(output, name))]
+    if taken:
+        raise ConfigError(f"--output {output} already holds {', '.join(taken)}: export into a new directory "
+                          "(an export never overwrites a model)")
+
+
+def open_output_run(save: str, load: str | None = None) -> DirectoryLock:
+    """Lock ``--save`` for writing and make sure it holds no checkpoint: a tool never overwrites a
+    run, nor the checkpoint it reads (paths are compared after resolving links)."""
+    if load is not None and os.path.realpath(save) == os.path.realpath(load):
+        raise ConfigError(f"--save {save} is --load {load}: write the converted checkpoint to a new directory")
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ConfigError(f"--save {save} is a file; name a directory to create")
+    lock = DirectoryLock(save)
+    lock.acquire("--save")
+    existing = complete_iterations(save)
+    if existing or os.path.exists(os.path.join(save, TRACKER_FILENAME)):
+        lock.release()
+        held = f"iterations {existing}" if existing else TRACKER_FILENAME
+        raise ConfigError(f"--save {save} already holds a run's checkpoints ({held}): write the converted "
+                          "checkpoint to a new directory (a tool never overwrites a run)")
+    return lock
+
+
 def to_hf(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
 
+    check_hf_output(args.output)
     checkpoint = read_checkpoint(args.load, args.iteration, with_optimizer=False)
     vocab_size = true_vocab_size(args, checkpoint)
-    eod = build_tokenizer(args).eod if args.vocab_file and args.merge_file else None
+    eod = build_tokenizer(args).eod if args.vocab_file and args.merge_file else checkpoint.model_config.get("eod_token")
     hf = to_hf_state_dict(checkpoint.model, vocab_size)
     hf.pop("lm_head.weight")  # tied to wte; safetensors stores a tensor once
     os.makedirs(args.output, exist_ok=True)
@@ -119,10 +159,19 @@ def read_hf_model(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise ConfigError(f"{directory!r} is not a Hugging Face model directory (no config.json)")
-    with open(config_path) as handle:
-        config = json.load(handle)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{config_path} is not valid JSON ({error}); re-export the model") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path} must hold a JSON object (a GPT2Config)")
     if config.get("model_type") != "gpt2":
         raise ConfigError(f"{config_path} describes a {config.get('model_type')!r} model; only gpt2 converts")
+    missing = [key for key in HF_CONFIG_KEYS if not isinstance(config.get(key), int) or config[key] <= 0]
+    if missing:
+        raise ConfigError(f"{config_path} lacks positive integers for {', '.join(missing)} (a GPT2Config has them); "
+                          "re-export the model")
     for key, expected in (("activation_function", "gelu_new"), ("n_inner", None)):
         if config.get(key, expected) != expected:
             raise ConfigError(f"{config_path}: {key}={config[key]!r} is not supported (needs {expected!r})")
@@ -137,6 +186,7 @@ def read_hf_model(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def from_hf(args: argparse.Namespace) -> None:
+    lock = open_output_run(args.save)
     config, hf = read_hf_model(args.input)
     mp_size = args.model_parallel_size
     if config["n_head"] % mp_size:
@@ -148,12 +198,12 @@ def from_hf(args: argparse.Namespace) -> None:
     serial = {k: v.float() for k, v in from_hf_state_dict(hf, padded).items()}
     checkpoint = Checkpoint(model=serial, model_config=model_config, iteration=0, consumed_samples=0, kind="hf")
     directory = write_megatron_checkpoint(checkpoint, args.save, mp_size)
+    lock.release()
     print(f" wrote {directory} (iteration 0, model-parallel size {mp_size}, padded vocabulary {padded})", flush=True)
 
 
 def reshard(args: argparse.Namespace) -> None:
-    if os.path.abspath(args.save) == os.path.abspath(args.load):
-        raise ConfigError(f"--save {args.save} equals --load: write the resharded checkpoint to a new directory")
+    lock = open_output_run(args.save, args.load)
     checkpoint = read_checkpoint(args.load, args.iteration)
     for note in checkpoint.notes:
         print(f" note: {note}", flush=True)
@@ -165,6 +215,7 @@ def reshard(args: argparse.Namespace) -> None:
         raise ConfigError(f"the model's {heads} heads are not divisible by --model-parallel-size "
                           f"{args.model_parallel_size}")
     directory = write_megatron_checkpoint(checkpoint, args.save, args.model_parallel_size, args.seed)
+    lock.release()
     print(f" wrote {directory} (model-parallel size {args.model_parallel_size}, padded vocabulary {padded})",
           flush=True)
 

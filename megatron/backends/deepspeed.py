@@ -10,6 +10,8 @@ checkpoints (``megatron.checkpoint.convert``) import deepspeed.
 
 from __future__ import annotations
 
+import collections.abc
+import difflib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +37,63 @@ from megatron.model import (
     use_activation_checkpointing,
 )
 from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+
+
+class _RecordingDict(dict):
+    """A config dict that records every key asked of it: DeepSpeed's config classes ask for
+    each top-level key they know (``get``, ``in``, ``[]``), so a key never asked for is one
+    DeepSpeed would silently ignore."""
+
+    def __init__(self, *args: Any, seen: set[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: set[str] = set() if seen is None else seen
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.seen.add(key)  # type: ignore[arg-type]
+        return super().__contains__(key)
+
+    def keys(self) -> collections.abc.KeysView:  # type: ignore[override]
+        return collections.abc.KeysView(self)  # membership tests go through __contains__
+
+    def __copy__(self) -> _RecordingDict:
+        return _RecordingDict(self, seen=self.seen)
+
+
+# Top-level keys DeepSpeed reads outside its config classes.
+_KEYS_READ_ELSEWHERE = {"sequence_parallel_size"}
+
+
+def check_deepspeed_config(config: dict[str, Any], path: str) -> None:
+    """Validate a resolved DeepSpeed config with DeepSpeed's own config classes (types, ranges,
+    unknown nested keys) and reject unknown top-level keys, at start-up: DeepSpeed itself would
+    ignore a misspelt key and report the others only after the model is built. Raises ConfigError."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro, accumulation = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
+    # Checked here without a process group, i.e. for one data-parallel rank.
+    recording = _RecordingDict(config, train_batch_size=micro * accumulation)
+    try:
+        DeepSpeedConfig(recording)
+    except Exception as error:  # noqa: BLE001 - pydantic, assertion and value errors all mean a bad config
+        lines = [line.strip() for line in str(error).splitlines()
+                 if line.strip() and not line.strip().startswith("For further information")]
+        detail = "; ".join(lines[:4]) or type(error).__name__
+        raise ConfigError(f"DeepSpeed config {path} is not valid: {detail}") from None
+    known = recording.seen | _KEYS_READ_ELSEWHERE
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(k for k in known if isinstance(k, str)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"DeepSpeed config {path}: unknown key {key!r}{hint}; DeepSpeed would ignore it "
+                              "silently: fix or remove it")
 
 
 def init_deepspeed_comm() -> None:

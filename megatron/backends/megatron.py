@@ -177,8 +177,12 @@ class MegatronBackend:
                               "or convert it with tools/convert_checkpoint.py")
         state = read_megatron_file(path)
         validate(state)
+        if load_optimizer and "optimizer" not in state and state.get("iteration", 0) > 0:
+            raise ConfigError(f"checkpoint {path} holds no optimizer state (saved with --no-save-optim): pass "
+                              "--no-load-optim to start a fresh optimizer and learning-rate schedule from its "
+                              "weights and iteration, or --finetune to start over at iteration 0")
         self.unwrapped_model.load_state_dict(state["model"])
-        if load_optimizer and "optimizer" in state:
+        if load_optimizer and "optimizer" in state:  # iteration 0 (from-hf) has no optimizer state to lose
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return state

@@ -29,15 +29,18 @@ from megatron.checkpoint.layout import (
     CHECKPOINT_VERSION,
     COMPLETE_MARKER,
     TRACKER_FILENAME,
+    checkpoint_files,
     checkpoint_tag,
     complete_iterations,
+    file_digest,
     is_complete,
-    latest_iteration,
+    manifest_text,
     megatron_checkpoint_name,
     read_megatron_file,
     save_torch_file,
     write_text_atomic,
 )
+from megatron.checkpoint.verify import choose_checkpoint, describe, verify_checkpoint
 from megatron.errors import ConfigError
 
 StateDict = dict[str, torch.Tensor]
@@ -146,19 +149,24 @@ class Checkpoint:
 
 
 def find_iteration(load: str, iteration: int | None = None) -> int:
-    """The complete iteration to read under ``load`` (the latest unless ``iteration`` is given)."""
+    """The complete, verified iteration to read under ``load``: ``iteration`` if given (refused if
+    damaged), else the newest that verifies (a damaged newer one is skipped out loud)."""
     if not os.path.isdir(load):
         raise ConfigError(f"checkpoint directory {load!r} does not exist; check --load")
     if iteration is not None:
         if not is_complete(load, iteration):
             raise ConfigError(f"{load} has no complete checkpoint at iteration {iteration}; complete ones: "
                               f"{complete_iterations(load) or 'none'}")
+        verdict = verify_checkpoint(os.path.join(load, checkpoint_tag(iteration)))
+        if not verdict.ok:
+            raise ConfigError(f"checkpoint {verdict.directory} is damaged: {describe(verdict)}; pick another "
+                              "--iteration or restore the files")
         return iteration
-    found = latest_iteration(load)
-    if found is None:
+    chosen = choose_checkpoint(load, lambda message: print(message, flush=True))
+    if chosen is None:
         raise ConfigError(f"{load!r} holds no complete checkpoint (no iter_XXXXXXX/{COMPLETE_MARKER}); "
                           "point --load at a directory written by pretrain_gpt2.py --save")
-    return found
+    return chosen[0]
 
 
 def checkpoint_kind(directory: str) -> str:
@@ -388,8 +396,10 @@ def _seeded_generator_state(seed: int, like: torch.Tensor) -> torch.Tensor:
 def write_megatron_checkpoint(checkpoint: Checkpoint, save: str, mp_size: int, seed: int = 1234) -> str:
     """Write ``checkpoint`` in the Megatron layout for ``mp_size`` ranks; returns its directory.
 
-    Follows ``megatron.checkpoint.protocol``'s protocol: staged under ``iter_X.tmp``, renamed, marked
-    complete, then named by the tracker file.
+    Follows ``megatron.checkpoint.protocol``'s protocol: staged under ``iter_X.tmp``, its manifest
+    (the ``complete`` marker with every file's SHA-256) written, renamed, then named by the
+    tracker file. The caller holds the directory's writer lock and has checked that ``save``
+    holds no other run's checkpoints (``tools/convert_checkpoint.py`` does both).
     """
     tag = checkpoint_tag(checkpoint.iteration)
     staging = os.path.join(save, tag + ".tmp")
@@ -410,9 +420,10 @@ def write_megatron_checkpoint(checkpoint: Checkpoint, save: str, mp_size: int, s
         if checkpoint.lr_scheduler is not None:
             state["lr_scheduler"] = checkpoint.lr_scheduler
         save_torch_file(state, megatron_checkpoint_name(save, tag + ".tmp", rank))
+    digests = {name: file_digest(os.path.join(staging, name)) for name in checkpoint_files(staging)}
+    write_text_atomic(os.path.join(staging, COMPLETE_MARKER), manifest_text(checkpoint.iteration, digests))
     final = os.path.join(save, tag)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    write_text_atomic(os.path.join(final, COMPLETE_MARKER), f"{checkpoint.iteration}\n")
     write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{checkpoint.iteration}\n")
     return final

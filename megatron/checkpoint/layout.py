@@ -1,18 +1,24 @@
 """Checkpoint files and directories, for the Megatron and the DeepSpeed path alike.
 
     <save>/latest_checkpointed_iteration.txt
-    <save>/iter_0000100/complete                              (written last)
+    <save>/iter_0000100/complete                              (the manifest, written last)
     <save>/iter_0000100/mp_rank_00/model_optim_rng.pt         (Megatron path)
     <save>/iter_0000100/mp_rank_00_model_states.pt, zero_*    (DeepSpeed path)
 
-Names, the tracker and completion marker, durable writes (fsync, atomic rename) and the model
-description every checkpoint carries. No process group is needed here: the offline tools use it
-as the training run does.
+The ``complete`` marker is a JSON manifest: the iteration and, for every file of the checkpoint,
+its size and SHA-256. A checkpoint whose files do not match it is damaged and never loaded.
+Markers written before manifests existed hold only the iteration (``"100\n"``); such a
+checkpoint loads without verification. Names, the tracker, the manifest, durable writes (fsync,
+atomic rename) and the model description every checkpoint carries live here. No process group
+is needed: the offline tools use it as the training run does.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,8 +28,11 @@ from megatron.errors import ConfigError
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = "complete"
 CHECKPOINT_VERSION = 1
+MANIFEST_FORMAT = 2  # 1: the marker held the iteration only
+HASH_CHUNK_BYTES = 8 * 2**20
 MODEL_CONFIG_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
                      "padded_vocab_size", "model_parallel_size", "pipe_parallel_size")
+TOKENIZER_KEYS = ("vocab_size", "eod_token", "tokenizer_sha256")
 
 
 def checkpoint_tag(iteration: int) -> str:
@@ -79,6 +88,83 @@ def read_megatron_file(path: str) -> dict[str, Any]:
                           "it is corrupt: load an earlier iteration") from None
 
 
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a ``complete`` marker says: the iteration and each file's digest (None: a marker
+    from before manifests, nothing to verify against)."""
+
+    iteration: int
+    files: dict[str, FileDigest] | None
+
+
+def file_digest(path: str) -> FileDigest:
+    """Size and SHA-256 of the file at ``path`` (read in chunks)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, digest.hexdigest())
+
+
+def checkpoint_files(directory: str) -> list[str]:
+    """The files of a checkpoint directory, relative and sorted (the marker excluded)."""
+    found = []
+    for dirpath, _, filenames in os.walk(directory):
+        for name in filenames:
+            relative = os.path.relpath(os.path.join(dirpath, name), directory)
+            if relative != COMPLETE_MARKER:
+                found.append(relative)
+    return sorted(found)
+
+
+def manifest_text(iteration: int, files: dict[str, FileDigest]) -> str:
+    entries = {name: {"size": d.size, "sha256": d.sha256} for name, d in sorted(files.items())}
+    return json.dumps({"format": MANIFEST_FORMAT, "iteration": iteration, "files": entries}, indent=1) + "\n"
+
+
+def read_manifest(directory: str) -> Manifest | None:
+    """The manifest of ``directory``'s ``complete`` marker; None when there is no readable marker."""
+    try:
+        with open(os.path.join(directory, COMPLETE_MARKER), "rb") as handle:
+            text = handle.read().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if text.strip().isdigit():
+        return Manifest(int(text), None)
+    try:
+        data = json.loads(text)
+        files = {name: FileDigest(int(entry["size"]), str(entry["sha256"])) for name, entry in data["files"].items()}
+        return Manifest(int(data["iteration"]), files)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def verify_files(directory: str, manifest: Manifest, names: list[str]) -> list[str]:
+    """Problems with ``names`` (entries of ``manifest``) in ``directory``: missing, wrong size or
+    wrong SHA-256; empty when they all match."""
+    problems = []
+    for name in names:
+        expected = manifest.files[name]
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name} is missing")
+            continue
+        size = os.path.getsize(path)
+        if size != expected.size:
+            problems.append(f"{name} has {size} bytes, the manifest says {expected.size}")
+        elif file_digest(path).sha256 != expected.sha256:
+            problems.append(f"{name} does not match its SHA-256 (damaged on disk)")
+    return problems
+
+
 def is_complete(load_dir: str, iteration: int) -> bool:
     return os.path.isfile(os.path.join(load_dir, checkpoint_tag(iteration), COMPLETE_MARKER))
 
@@ -92,27 +178,79 @@ def complete_iterations(load_dir: str) -> list[int]:
     return sorted(found)
 
 
+def read_tracker(load_dir: str) -> int | None:
+    """The iteration ``latest_checkpointed_iteration.txt`` names; None if absent or unreadable."""
+    try:
+        with open(os.path.join(load_dir, TRACKER_FILENAME), "rb") as handle:
+            text = handle.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def tracker_problem(load_dir: str) -> str | None:
+    """Why the tracker of ``load_dir`` cannot be followed (unreadable, or naming an iteration
+    that is not complete), or None when it can or is absent (loaders then take the newest
+    complete checkpoint)."""
+    path = os.path.join(load_dir, TRACKER_FILENAME)
+    if not os.path.lexists(path):
+        return None
+    tracked = read_tracker(load_dir)
+    if tracked is None:
+        return f"{path} does not hold an iteration number"
+    if not is_complete(load_dir, tracked):
+        return f"{path} names iteration {tracked}, which has no complete checkpoint"
+    return None
+
+
 def latest_iteration(load_dir: str) -> int | None:
     """The iteration the tracker names if complete, else the newest complete one, else None."""
-    tracker = os.path.join(load_dir, TRACKER_FILENAME)
-    if os.path.isfile(tracker):
-        with open(tracker) as handle:
-            text = handle.read().strip()
-        if text.isdigit() and is_complete(load_dir, int(text)):
-            return int(text)
+    tracked = read_tracker(load_dir)
+    if tracked is not None and is_complete(load_dir, tracked):
+        return tracked
     iterations = complete_iterations(load_dir)
     return iterations[-1] if iterations else None
 
 
-def check_model_config(saved: dict[str, int], expected: dict[str, int], where: str) -> None:
-    """A checkpoint's ``model_config`` against the run's; a difference is a ConfigError."""
+def candidate_iterations(load_dir: str) -> list[int]:
+    """Complete iterations to try, in order: the tracker's (if complete), then the others newest
+    first. A loader takes the first that verifies."""
+    iterations = sorted(complete_iterations(load_dir), reverse=True)
+    tracked = read_tracker(load_dir)
+    if tracked in iterations:
+        iterations.remove(tracked)
+        iterations.insert(0, tracked)
+    return iterations
+
+
+def check_model_config(saved: dict[str, Any], expected: dict[str, Any], where: str,
+                       override_tokenizer: bool = False) -> None:
+    """A checkpoint's ``model_config`` against the run's; a difference is a ConfigError.
+
+    The shape (``MODEL_CONFIG_KEYS``) must match. The tokenizer identity (``TOKENIZER_KEYS``:
+    true vocabulary size, end-of-document id, fingerprint of the tokenizer files) must match
+    unless ``override_tokenizer`` (``--override-tokenizer-check``); checkpoints written before it
+    was recorded are not checked for it.
+    """
     saved = {"pipe_parallel_size": 1, **saved}  # checkpoints from before pipelining existed
     diffs = [f"{key}: checkpoint {saved.get(key)} vs run {value}" for key, value in expected.items()
-             if saved.get(key) != value]
+             if key in MODEL_CONFIG_KEYS and saved.get(key) != value]
     if diffs:
         hint = (" (reshard it with tools/convert_checkpoint.py reshard)"
                 if any(d.startswith("model_parallel_size") for d in diffs) else "")
         raise ConfigError(f"checkpoint {where} does not match this model: {'; '.join(diffs)}{hint}")
+    check_tokenizer(saved, expected, where, override_tokenizer)
+
+
+def check_tokenizer(saved: dict[str, Any], given: dict[str, Any], where: str, override: bool = False) -> None:
+    """ConfigError unless the tokenizer identity ``given`` (``TOKENIZER_KEYS``) is the one the
+    checkpoint recorded in ``saved`` (keys missing on either side are not compared), or ``override``."""
+    diffs = [f"{key}: checkpoint {saved[key]} vs given {given[key]}" for key in TOKENIZER_KEYS
+             if key in saved and key in given and saved[key] != given[key]]
+    if diffs and not override:
+        raise ConfigError(f"checkpoint {where} was trained with another tokenizer ({'; '.join(diffs)}): "
+                          "pass the --vocab-file/--merge-file it was trained with (or --override-tokenizer-check "
+                          "for a deliberate vocabulary change)")
 
 
 def saved_model_parallel_size(directory: str) -> int:

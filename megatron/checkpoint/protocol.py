@@ -1,10 +1,16 @@
 """Saving and loading a training run's checkpoint: the directory protocol and the state both
-paths add (progress, RNG, model description). Every rank calls ``save_checkpoint`` and
-``load_checkpoint``; the backend writes and reads its own files.
+paths add (progress, RNG, model and tokenizer description). Every rank calls ``save_checkpoint``
+and ``load_checkpoint``; the backend writes and reads its own files.
 
-A checkpoint is written under ``iter_0000100.tmp``, renamed once every rank has flushed its
-files, then marked complete; only then does the tracker file name it. A directory without its
-marker is never loaded.
+A run first opens its ``--save`` directory (``open_save_directory``): rank 0 takes the writer
+lock, refuses a directory holding another run's checkpoints, and removes staging left by a killed
+save. A checkpoint is written under ``iter_0000100.tmp``; once every rank has flushed its files,
+the ranks hash them together and rank 0 writes the manifest (``complete``) into the staging
+directory, renames it to ``iter_0000100``, and only then names it in the tracker file. A
+directory without its manifest is never loaded, and loading checks every file against it: a
+damaged checkpoint is skipped for the previous one that verifies, out loud. A failed write (a
+full disk) removes the staging directory and stops the run with one line; the previous
+checkpoints are untouched. Nothing here writes to ``--load`` unless it is also ``--save``.
 """
 
 from __future__ import annotations
@@ -22,29 +28,37 @@ from megatron.checkpoint.layout import (
     COMPLETE_MARKER,
     TRACKER_FILENAME,
     check_model_config,
+    checkpoint_files,
     checkpoint_tag,
     complete_iterations,
+    fsync_path,
     fsync_tree,
-    latest_iteration,
+    manifest_text,
     saved_model_parallel_size,
     write_text_atomic,
 )
+from megatron.checkpoint.lock import DirectoryLock
 from megatron.checkpoint.rng import get_rng_states
+from megatron.checkpoint.verify import choose_checkpoint, digest_files
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted
+from megatron.launch import ensure_launcher_alive
 
 if TYPE_CHECKING:
     from megatron.backends.base import Backend
 
 
-def run_model_config(run: RunConfig) -> dict[str, int]:
-    """What a checkpoint's tensors depend on; a mismatch at load time is a user error."""
+def run_model_config(run: RunConfig) -> dict[str, Any]:
+    """What a checkpoint's tensors and token ids depend on; a mismatch at load time is a user error."""
+    identity: dict[str, Any] = {"vocab_size": run.model.vocab_size, "eod_token": run.eod_token}
+    if run.tokenizer_sha256:
+        identity["tokenizer_sha256"] = run.tokenizer_sha256
     return {**run.model.shape(), "model_parallel_size": run.parallel.model_parallel_size,
-            "pipe_parallel_size": run.parallel.pipe_parallel_size}
+            "pipe_parallel_size": run.parallel.pipe_parallel_size, **identity}
 
 
 def client_state(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> dict[str, Any]:
-    """The state both paths add to a checkpoint: progress, RNG, model shape."""
+    """The state both paths add to a checkpoint: progress, RNG, model and tokenizer description."""
     state: dict[str, Any] = {
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": iteration,
@@ -56,9 +70,26 @@ def client_state(run: RunConfig, backend: Backend, iteration: int, consumed_samp
     return state
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=mpu.communication_device())
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _say(message: str) -> None:
+    if _rank() == 0:
+        print(message, flush=True)
 
 
 def check_weights_finite(backend: Backend, iteration: int) -> None:
@@ -75,7 +106,7 @@ def check_weights_finite(backend: Backend, iteration: int) -> None:
 
 
 def remove_stale_staging(save: str) -> None:
-    """Rank 0 deletes ``iter_*.tmp`` directories left by a killed save."""
+    """Delete ``iter_*.tmp`` directories left by a killed save (only under the writer lock)."""
     for name in os.listdir(save) if os.path.isdir(save) else []:
         if name.startswith("iter_") and name.endswith(".tmp"):
             shutil.rmtree(os.path.join(save, name), ignore_errors=True)
@@ -90,30 +121,138 @@ def apply_retention(save: str, keep_last_n: int | None) -> None:
         shutil.rmtree(os.path.join(save, checkpoint_tag(iteration)), ignore_errors=True)
 
 
+def _same_directory(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_not_another_run(save: str, load: str | None) -> None:
+    """A ``--save`` holding checkpoints belongs to the run that wrote them: only that run,
+    resumed with ``--load`` on the same directory, may write there."""
+    existing = complete_iterations(save)
+    if existing and not _same_directory(save, load):
+        raise ConfigError(f"--save {save} already holds checkpoints of a run (iterations {existing[0]} to "
+                          f"{existing[-1]}) and this run does not resume it: pass --load {save} to continue that "
+                          "run, or pick an empty directory for a new one")
+
+
+def _open_as_rank_0(run: RunConfig) -> tuple[DirectoryLock | None, str | None, str | None]:
+    """(lock, note, error) of rank 0's attempt to open ``--save``."""
+    save = run.checkpoint.save
+    lock = DirectoryLock(save)
+    try:
+        note = lock.acquire("--save")
+        check_not_another_run(save, run.checkpoint.load)
+    except ConfigError as error:
+        lock.release()
+        return None, None, str(error)
+    remove_stale_staging(save)
+    return lock, note, None
+
+
+def open_save_directory(run: RunConfig) -> DirectoryLock | None:
+    """Rank 0 takes the writer lock of ``--save`` for the run's life and cleans staging left by a
+    killed save; every rank learns the outcome, so a refusal stops them all with the reason."""
+    if not run.checkpoint.save:
+        return None
+    lock, note, error = _open_as_rank_0(run) if _rank() == 0 else (None, None, None)
+    box = [note, error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        _say(f" note: {box[0]}")
+    if box[1]:
+        raise ConfigError(box[1])
+    return lock
+
+
+def _write_failure(error: BaseException, directory: str) -> str | None:
+    """What went wrong writing a checkpoint into ``directory`` (with the space left there), or
+    None if ``error`` is not a failed write."""
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else str(error)
+    elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in (
+            "No space left", "unexpected pos", "PytorchStreamWriter", "file write failed", "write failed")):
+        reason = f"a file could not be written ({str(error).splitlines()[0][:160]})"
+    else:
+        return None
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{reason} ({free})"
+
+
+def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: dict[str, Any]) -> str | None:
+    """This rank's files of the checkpoint, flushed to disk; the failure if the write failed."""
+    staging_dir = os.path.join(run.checkpoint.save, staging_tag)
+    try:
+        backend.save_state(run.checkpoint.save, staging_tag, state)
+        if os.path.isdir(staging_dir):
+            fsync_tree(staging_dir)
+    except (OSError, RuntimeError) as error:
+        failure = _write_failure(error, run.checkpoint.save)
+        if failure is None:
+            raise
+        return failure
+    return None
+
+
+def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: int, manifest: str,
+                      writes_latest: bool) -> str | None:
+    """Manifest into staging, rename into place, tracker; the failure if a write failed."""
+    try:
+        write_text_atomic(os.path.join(staging_dir, COMPLETE_MARKER), manifest)
+        if os.path.isdir(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(staging_dir, final_dir)
+        fsync_path(save)
+        write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{iteration}\n")
+        if writes_latest:
+            write_text_atomic(os.path.join(save, "latest"), os.path.basename(final_dir))
+    except OSError as error:
+        return _write_failure(error, save)
+    return None
+
+
+def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None) -> None:
+    """Remove the partial checkpoint and stop the run; the previous checkpoints are untouched."""
+    if _rank() == 0:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+    _barrier()
+    newest = complete_iterations(save)
+    previous = f"the newest complete checkpoint is {checkpoint_tag(newest[-1])}" if newest else "no checkpoint"
+    raise TrainingAborted(f"checkpoint {checkpoint_tag(iteration)} could not be written to {save}: "
+                          f"{failure or 'another rank failed to write its files'}; the partial checkpoint was "
+                          f"removed and {previous} is intact: free space (or fix the directory) and relaunch "
+                          "to resume")
+
+
 def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> str:
     """Write checkpoint ``iteration`` under ``--save``; every rank calls it. Returns its directory."""
+    ensure_launcher_alive()  # a worker whose launcher died must not start a checkpoint
     save = run.checkpoint.save
     check_weights_finite(backend, iteration)
     tag = checkpoint_tag(iteration)
     staging_tag, final_dir = tag + ".tmp", os.path.join(save, tag)
     staging_dir = os.path.join(save, staging_tag)
-    if dist.get_rank() == 0:
-        os.makedirs(save, exist_ok=True)
+    if _rank() == 0:
         shutil.rmtree(staging_dir, ignore_errors=True)
         os.makedirs(staging_dir)
     _barrier()
-    backend.save_state(save, staging_tag, client_state(run, backend, iteration, consumed_samples))
-    if os.path.isdir(staging_dir):
-        fsync_tree(staging_dir)
-    _barrier()
-    if dist.get_rank() == 0:
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
-        os.replace(staging_dir, final_dir)
-        write_text_atomic(os.path.join(final_dir, COMPLETE_MARKER), f"{iteration}\n")
-        write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{iteration}\n")
-        if backend.writes_deepspeed_latest:
-            write_text_atomic(os.path.join(save, "latest"), tag)
+    failure = _write_staging(run, backend, staging_tag, client_state(run, backend, iteration, consumed_samples))
+    if not _all_ok(failure is None):
+        _abort_save(save, staging_dir, iteration, failure)
+    names = [checkpoint_files(staging_dir) if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names, src=0)
+    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]))
+    failure = None
+    if _rank() == 0:
+        failure = _finish_as_rank_0(save, staging_dir, final_dir, iteration, manifest,
+                                    backend.writes_deepspeed_latest)
+    if not _all_ok(failure is None):
+        _abort_save(save, staging_dir, iteration, failure)
+    if _rank() == 0:
         apply_retention(save, run.checkpoint.keep_last_n)
     _barrier()
     return final_dir
@@ -129,33 +268,53 @@ def check_model_parallel_size(directory: str, run: RunConfig) -> None:
                           "tools/convert_checkpoint.py reshard, or launch with the saved size")
 
 
+def check_load_directory(load: str) -> None:
+    """``--load`` names a run's directory (holding ``iter_*``), not one checkpoint or a file."""
+    if os.path.isfile(load):
+        raise ConfigError(f"--load {load} is a file; pass the run's checkpoint directory (the one holding "
+                          "iter_* directories and latest_checkpointed_iteration.txt)")
+    name = os.path.basename(os.path.normpath(load))
+    if name.startswith("iter_") and os.path.isfile(os.path.join(load, COMPLETE_MARKER)):
+        raise ConfigError(f"--load {load} is one checkpoint, not a run directory: pass --load "
+                          f"{os.path.dirname(os.path.normpath(load)) or '.'} (its newest complete checkpoint "
+                          "is loaded)")
+
+
+def _choose(run: RunConfig) -> int | None:
+    """The iteration to load under ``--load`` (verified by every rank), or None to start fresh."""
+    load = run.checkpoint.load
+    check_load_directory(load)
+    chosen = choose_checkpoint(load, _say)
+    if chosen is not None:
+        return chosen[0]
+    if _same_directory(load, run.checkpoint.save):
+        _say(f" no complete checkpoint under {load}: starting from scratch")
+        return None
+    raise ConfigError(f"--load {load} holds no complete checkpoint (no iter_*/{COMPLETE_MARKER}); check the path, "
+                      "or drop --load (set it equal to --save to resume automatically when there is one)")
+
+
 def load_checkpoint(run: RunConfig, backend: Backend) -> tuple[int, int, dict[str, Any] | None]:
-    """Load the newest complete checkpoint under ``--load``.
+    """Load the newest complete checkpoint under ``--load`` whose files verify.
 
     Returns (iteration, consumed_samples, RNG states). The caller restores the RNG states with
     ``megatron.checkpoint.rng.set_rng_states`` just before the first step, after everything that
-    may still draw from the generators during start-up. Returns (0, 0, None) and says so when
-    there is nothing to load.
+    may still draw from the generators during start-up. Returns (0, 0, None) when ``--load`` is
+    the run's own (empty) ``--save``.
     """
-    load = run.checkpoint.load
-    if dist.get_rank() == 0 and load:
-        remove_stale_staging(load)
-    _barrier()
-    iteration = latest_iteration(load) if load else None
+    iteration = _choose(run)
     if iteration is None:
-        if dist.get_rank() == 0:
-            print(f" no complete checkpoint under {load}: starting from scratch", flush=True)
         return 0, 0, None
-    tag = checkpoint_tag(iteration)
+    load, tag = run.checkpoint.load, checkpoint_tag(iteration)
     directory = os.path.join(load, tag)
     check_model_parallel_size(directory, run)
     expected = run_model_config(run)
+    override = run.checkpoint.override_tokenizer_check
     state = backend.load_state(
         load, tag, load_optimizer=run.checkpoint.load_optim and not run.checkpoint.finetune,
-        validate=lambda saved: check_model_config(saved.get("model_config", {}), expected, directory))
+        validate=lambda saved: check_model_config(saved.get("model_config", {}), expected, directory, override))
     if run.checkpoint.finetune:
         return 0, 0, None
     rng_states = state.get("rng_states") if run.checkpoint.load_rng else None
-    if dist.get_rank() == 0:
-        print(f" loaded checkpoint {directory} at iteration {state['iteration']}", flush=True)
+    _say(f" loaded checkpoint {directory} at iteration {state['iteration']}")
     return int(state["iteration"]), int(state.get("consumed_samples", 0)), rng_states

@@ -15,11 +15,12 @@ import torch
 
 from megatron import mpu
 from megatron.checkpoint.convert import Checkpoint, read_checkpoint, repad_vocab
+from megatron.checkpoint.layout import check_tokenizer
 from megatron.config import ParallelConfig, build_parallel_config
 from megatron.errors import ConfigError
 from megatron.launch import initialize_megatron, read_launch_env
 from megatron.model import GPT2Model, ModelConfig, build_gpt2_model
-from megatron.tokenizer import AbstractTokenizer, build_tokenizer
+from megatron.tokenizer import AbstractTokenizer, build_tokenizer, tokenizer_identity
 
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
@@ -45,6 +46,7 @@ class InferenceConfig:
     seq_length: int | None  # None: the checkpoint's max_position_embeddings
     seed: int
     parallel: ParallelConfig
+    override_tokenizer_check: bool = False
 
 
 def validate_inference_args(args: argparse.Namespace) -> None:
@@ -74,7 +76,7 @@ def inference_config(args: argparse.Namespace) -> InferenceConfig:
         load=args.load, load_iteration=args.load_iteration, tokenizer_type=args.tokenizer_type,
         vocab_file=args.vocab_file, merge_file=args.merge_file,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, seq_length=args.seq_length,
-        seed=args.seed, parallel=parallel)
+        seed=args.seed, parallel=parallel, override_tokenizer_check=args.override_tokenizer_check)
 
 
 def model_config_from_checkpoint(config: InferenceConfig, checkpoint: Checkpoint,
@@ -91,9 +93,16 @@ def model_config_from_checkpoint(config: InferenceConfig, checkpoint: Checkpoint
     if checkpoint.padded_vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the checkpoint's embedding only "
                           f"{checkpoint.padded_vocab_size}: pass the --vocab-file/--merge-file it was trained with")
+    check_tokenizer_identity(config, checkpoint, tokenizer)
     padded = mpu.pad_vocab_size(tokenizer.vocab_size, config.make_vocab_size_divisible_by, mp_size)
     return ModelConfig(**shape, vocab_size=tokenizer.vocab_size, padded_vocab_size=padded, hidden_dropout=0.0,
                        attention_dropout=0.0)
+
+
+def check_tokenizer_identity(config: InferenceConfig, checkpoint: Checkpoint, tokenizer: AbstractTokenizer) -> None:
+    """The tokenizer files given are the ones the checkpoint was trained with (when it recorded them)."""
+    check_tokenizer(checkpoint.model_config, tokenizer_identity(config, tokenizer), config.load,
+                    config.override_tokenizer_check)
 
 
 def sequence_length(config: InferenceConfig, model_config: ModelConfig) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Protocol
 
 from megatron.errors import ConfigError
@@ -16,7 +17,8 @@ from megatron.tokenizer.wordpiece import WORDPIECE_TYPES, WordPieceTokenizer
 TOKENIZER_TYPES = ("GPT2BPETokenizer", *WORDPIECE_TYPES)
 
 __all__ = ["EOD_TOKEN", "TOKENIZER_TYPES", "AbstractTokenizer", "GPT2BPETokenizer",
-           "TokenizerFileError", "TokenizerSource", "WordPieceTokenizer", "build_tokenizer"]
+           "TokenizerFileError", "TokenizerSource", "WordPieceTokenizer", "build_tokenizer",
+           "tokenizer_fingerprint", "tokenizer_identity"]
 
 
 class TokenizerSource(Protocol):
@@ -47,3 +49,23 @@ def build_tokenizer(args: TokenizerSource) -> AbstractTokenizer:
                          "and merges.txt, or data/demo/gpt2-vocab.json and data/demo/gpt2-merges.txt "
                          "from `python tools/build_demo_corpus.py`)")
     return GPT2BPETokenizer(args.vocab_file, args.merge_file)
+
+
+def tokenizer_fingerprint(args: TokenizerSource) -> str:
+    """SHA-256 of the tokenizer's type and file contents (vocab, and merges for GPT-2's BPE): the
+    identity a checkpoint records, so that a run never resumes with another vocabulary.
+    Empty when the files are not given."""
+    paths = [args.vocab_file] + ([args.merge_file] if args.tokenizer_type == "GPT2BPETokenizer" else [])
+    if not all(paths):
+        return ""
+    digest = hashlib.sha256(args.tokenizer_type.encode())
+    for path in paths:
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def tokenizer_identity(args: TokenizerSource, tokenizer: AbstractTokenizer) -> dict[str, int | str]:
+    """What a checkpoint records of its tokenizer (``megatron.checkpoint.layout.TOKENIZER_KEYS``)."""
+    return {"vocab_size": tokenizer.vocab_size, "eod_token": tokenizer.eod,
+            "tokenizer_sha256": tokenizer_fingerprint(args)}

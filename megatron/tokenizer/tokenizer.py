@@ -53,6 +53,13 @@ class AbstractTokenizer(ABC):
         return [self.tokenize(text) for text in texts]
 
 
+def unreadable_file_error(flag: str, path: str | os.PathLike, error: OSError) -> TokenizerFileError:
+    """The error for a tokenizer file that exists but cannot be read (a directory, no permission)."""
+    if os.path.isdir(path):
+        return TokenizerFileError(f"{flag} {path} is a directory; pass the tokenizer file itself")
+    return TokenizerFileError(f"{flag} {path} cannot be read ({error.strerror or error}); check its permissions")
+
+
 def _read_vocab(vocab_file: str, merge_file: str) -> dict[str, int]:
     """Token -> id from GPT-2's ``vocab.json``."""
     try:
@@ -65,6 +72,8 @@ def _read_vocab(vocab_file: str, merge_file: str) -> dict[str, int]:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TokenizerFileError(f"--vocab-file {vocab_file} is not a JSON vocab ({error}); "
                                  f"it should be the vocab.json that goes with {merge_file}") from None
+    except OSError as error:
+        raise unreadable_file_error("--vocab-file", vocab_file, error) from None
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise TokenizerFileError(f"--vocab-file {vocab_file} must map token strings to int ids")
     return vocab
@@ -79,6 +88,11 @@ def _read_merges(merge_file: str) -> list[tuple[str, str]]:
         raise TokenizerFileError(
             f"--merge-file {merge_file} does not exist; pass GPT-2's merges.txt, or build the demo "
             "tokenizer with `python tools/build_demo_corpus.py`") from None
+    except UnicodeDecodeError as error:
+        raise TokenizerFileError(f"--merge-file {merge_file} is not UTF-8 text ({error.reason} at byte "
+                                 f"{error.start}); is this GPT-2's merges.txt?") from None
+    except OSError as error:
+        raise unreadable_file_error("--merge-file", merge_file, error) from None
     merges = []
     for number, line in enumerate(lines, start=1):
         if not line or (number == 1 and line.startswith("#version")):
@@ -88,6 +102,9 @@ def _read_merges(merge_file: str) -> list[tuple[str, str]]:
             raise TokenizerFileError(f"{merge_file}:{number}: expected two symbols separated by "
                                      f"one space, got {line!r}; is this GPT-2's merges.txt?")
         merges.append((pair[0], pair[1]))
+    if not merges:
+        raise TokenizerFileError(f"--merge-file {merge_file} holds no merges (an empty file, or only the "
+                                 "#version line); pass GPT-2's merges.txt")
     return merges
 
 

@@ -15,7 +15,11 @@ from pathlib import Path
 import numpy as np
 from tokenizers import BertWordPieceTokenizer as HFBertWordPieceTokenizer
 
-from megatron.tokenizer.tokenizer import HFTokenizerBackend, TokenizerFileError
+from megatron.tokenizer.tokenizer import (
+    HFTokenizerBackend,
+    TokenizerFileError,
+    unreadable_file_error,
+)
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)
@@ -34,6 +38,8 @@ def _read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
     except UnicodeDecodeError:
         raise TokenizerFileError(f"--vocab-file {vocab_file} is not UTF-8 text; a WordPiece "
                                  "tokenizer needs BERT's vocab.txt (one token per line)") from None
+    except OSError as error:
+        raise unreadable_file_error("--vocab-file", vocab_file, error) from None
     if tokens and tokens[-1] == "":
         tokens.pop()
     vocab = {token: index for index, token in enumerate(tokens)}

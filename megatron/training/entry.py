@@ -16,8 +16,10 @@ import torch.distributed as dist
 
 from megatron.errors import ConfigError, TrainingAborted
 
+# What a collective that lost its peer says. Only transport failures: a message that merely
+# mentions a backend (e.g. "nccl needs CUDA") is not one, and keeps its own report.
 COLLECTIVE_FAILURE_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                              "timed out", "Timed out", "NCCL", "gloo")
+                              "timed out", "Timed out", "NCCL error", "ProcessGroupNCCL", "gloo/transport")
 
 
 def _is_collective_failure(error: BaseException) -> bool:

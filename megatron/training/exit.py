@@ -1,4 +1,4 @@
-"""Stop requests agreed by every rank: SIGTERM, --exit-interval and --exit-duration-in-mins."""
+"""Stop requests agreed by every rank: SIGTERM or SIGINT, --exit-interval and --exit-duration-in-mins."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from megatron.config import TrainingConfig
 class ExitConditions:
     """Decides, identically on every rank, whether to checkpoint and stop after an iteration.
 
-    A SIGTERM may reach only some ranks, and clocks differ: the flags are combined with a MAX
+    A signal may reach only some ranks, and clocks differ: the flags are combined with a MAX
     all-reduce, so either every rank stops or none does. Costs one tiny all-reduce per iteration,
     only when --exit-signal-handler or --exit-duration-in-mins is set.
     """
@@ -28,11 +28,15 @@ class ExitConditions:
         self.use_signal = training.exit_signal_handler
         self.received_signal = False
         self.reason = ""
+        self.signal_name = ""
         if self.use_signal:
+            # SIGINT (Ctrl-C, or a launcher passing it on) is a stop request like SIGTERM: save and exit.
             signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.received_signal = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def should_exit(self, iteration: int) -> bool:
         if self.exit_interval and iteration % self.exit_interval == 0:
@@ -45,7 +49,7 @@ class ExitConditions:
                              device=mpu.communication_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         if flags[0] > 0:
-            self.reason = "SIGTERM"
+            self.reason = self.signal_name or "a signal on another rank"
         elif flags[1] > 0:
             self.reason = "--exit-duration-in-mins"
         return bool(flags.sum() > 0)

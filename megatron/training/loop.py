@@ -19,7 +19,7 @@ from torch import nn
 
 from megatron.backends import Backend, ForwardStep, PipelineBatchFn, StepResult, build_backend
 from megatron.backends.base import average_over_data_parallel
-from megatron.checkpoint.protocol import load_checkpoint, save_checkpoint
+from megatron.checkpoint.protocol import load_checkpoint, open_save_directory, save_checkpoint
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import RunConfig
 from megatron.errors import TrainingAborted
@@ -234,6 +234,16 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
     data iterators; ``forward_step(data_iterator, model, run)`` the loss of one micro batch.
     """
     initialize_megatron(run.parallel, run.training.seed)
+    lock = open_save_directory(run)  # one writer per --save, for the whole run
+    try:
+        return _pretrain(run, model_provider, data_provider, forward_step, pipeline_batch)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
+              forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None) -> TrainState:
     record_experiment(run)
     nan_injection = NanInjection.from_environment(forward_step)
     backend = build_backend(model_provider(run), run, nan_injection or forward_step, pipeline_batch)

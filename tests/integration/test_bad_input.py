@@ -53,6 +53,10 @@ def workspace(demo_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     big = IndexedDatasetBuilder(root / "big_text_document.bin")
     big.add_document(np.full(2000, 9000))
     big.finalize(root / "big_text_document.idx")
+    (root / "empty.json").write_text("")
+    (root / "blank.json").write_text('{"text": ""}\n{"text": ""}\n')
+    texts = [json.loads(line)["text"] for line in (demo_corpus / "demo.json").read_text().splitlines()[:40]]
+    (root / "small.json").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     return {"root": root, "ckpt": ckpt, "corrupt": corrupt}
 
 
@@ -62,11 +66,16 @@ def _ds(root: Path, config: dict) -> list[str]:
     return ["--deepspeed", "--deepspeed_config", str(path)]
 
 
-def _data_path(args: list[str], prefix: Path) -> list[str]:
+def _data_path(args: list[str], words: list[str]) -> list[str]:
+    """``args`` reading ``--data-path words`` (a prefix, or weight/prefix pairs) instead of the demo."""
     out = list(args)
     index = out.index("--train-data")
-    out[index: index + 2] = ["--data-path", str(prefix)]
+    out[index: index + 2] = ["--data-path", *words]
     return out
+
+
+def _json(w: dict[str, Path], name: str, *extra: str) -> list[str]:
+    return ["--train-data", str(w["root"] / name), *extra]
 
 
 CASES = {
@@ -113,6 +122,37 @@ CASES = {
                             "--eval-batch-size (3) must equal --batch-size (2)", 1),
     "mistyped deepspeed batch": (lambda w: _ds(w["root"], {"train_batch_size": "8"}),
                                  "train_batch_size must be a positive integer, got '8'", 1),
+    # Survival (issue 16): a run's directories, checkpoints and configuration.
+    "load points at one checkpoint": (lambda w: ["--load", str(w["ckpt"] / "iter_0000002")],
+                                      "is one checkpoint, not a run directory: pass --load", 1),
+    "load holds no checkpoint": (lambda w: ["--load", str(w["root"])], "holds no complete checkpoint", 1),
+    "save holds another run": (lambda w: ["--save", str(w["ckpt"])],
+                               "already holds checkpoints of a run (iterations 2 to 2)", 1),
+    "misspelt deepspeed key": (lambda w: _ds(w["root"], {"gradient_clippin": 1.0}),
+                               "unknown key 'gradient_clippin' (did you mean 'gradient_clipping'?)", 1),
+    "unknown nested deepspeed key": (lambda w: _ds(w["root"], {"zero_optimization": {"stage": 1, "bogus": 1}}),
+                                     "Extra inputs are not permitted", 1),
+    "zero stage 4": (lambda w: _ds(w["root"], {"zero_optimization": {"stage": 4}}),
+                     "zero_optimization.stage must be 0, 1, 2 or 3, got 4", 1),
+    # Issue 16: data that yields nothing to train on, and weights that are not numbers.
+    "empty corpus": (lambda w: _json(w, "empty.json"), "empty.json holds no documents", 1),
+    "only empty texts": (lambda w: _json(w, "blank.json"), "blank.json holds no documents", 1),
+    "train split without documents": (lambda w: _json(w, "small.json", "--split", "0,1,0"),
+                                      "--split 0,1,0 gives the train split none of the 40 documents", 1),
+    "empty validation file": (lambda w: _json(w, "small.json", "--valid-data", str(w["root"] / "empty.json")),
+                              "--valid-data", 1),
+    "nan split": (lambda w: ["--split", "nan,1,1"], "--split 'nan,1,1': weight 'nan' must be a finite", 1),
+    "inf split": (lambda w: ["--split", "inf,1,0"], "weight 'inf' must be a finite", 1),
+    "overflowing split": (lambda w: ["--split", "1e308,1e308,1"], "sum to inf (overflow)", 1),
+    "nan blend weight": (lambda w: ["DATA", "nan", str(w["root"] / "good_text_document"), "1",
+                                    str(w["root"] / "good_text_document")], "weight 'nan' must be a finite", 1),
+    "overflowing blend weights": (lambda w: ["DATA", "1e308", str(w["root"] / "good_text_document"), "1e308",
+                                             str(w["root"] / "good_text_document")], "sum to inf (overflow)", 1),
+    "indexed train split without documents": (lambda w: ["DATA", str(w["root"] / "good_text_document"),
+                                                         "--split", "0,0,1"], "gives the train split none", 1),
+    "nccl without a gpu": (lambda w: ["--distributed-backend", "nccl"], "nccl needs CUDA GPUs", 1),
+    "no-save-optim under deepspeed": (lambda w: ["--no-save-optim"] + _ds(w["root"], {"zero_optimization": {"stage": 1}}),
+                                      "--no-save-optim is not supported with --deepspeed", 1),
 }
 
 
@@ -122,7 +162,8 @@ def test_bad_input_is_one_clear_line(case: str, workspace: dict[str, Path]) -> N
     extra = extra_fn(workspace)
     args = TINY_GPT2 + ["--batch-size", "2", "--train-iters", "4"]
     if extra and extra[0] == "DATA":
-        args, extra = _data_path(args, Path(extra[1])), []
+        flags = next((i for i, word in enumerate(extra) if word.startswith("--")), len(extra))
+        args, extra = _data_path(args, extra[1:flags]), extra[flags:]
     before = _digest(workspace["ckpt"]), _digest(workspace["corrupt"])
     out = _run(args + extra, nprocs)
     if nprocs == 1:
@@ -148,7 +189,11 @@ def test_compile_without_a_compiler_is_one_clear_line(demo_corpus: Path, tmp_pat
 @pytest.mark.parametrize("environ,message", [
     ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
     ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
-], ids=["rank text", "port out of range"])
+    # Issue 16: a rank outside the world waited the whole 10-minute rendezvous timeout.
+    ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 must be in [0, 0] for WORLD_SIZE=1"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": ""}, "MASTER_ADDR is set but empty"),
+], ids=["rank text", "port out of range", "rank outside the world", "world of 0", "empty master addr"])
 def test_bad_launch_environment_is_one_clear_line(environ: dict[str, str], message: str, demo_corpus: Path,
                                                   tmp_path: Path) -> None:
     """A bad launcher variable: one line, exit 2, no traceback, no --save written (the previous
@@ -162,3 +207,27 @@ def test_bad_launch_environment_is_one_clear_line(environ: dict[str, str], messa
     assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
     assert not any(save.iterdir()) and not (tmp_path / "exp").exists()
+
+
+def test_a_read_only_data_directory_is_one_clear_line(workspace: dict[str, Path], tmp_path: Path) -> None:
+    """--data-path in a read-only directory with no sample-index cache yet was an OSError traceback
+    creating .index-cache; now one line pointing at --cache-dir, and --cache-dir makes it work."""
+    data = tmp_path / "ro"
+    data.mkdir()
+    for suffix in (".bin", ".idx"):
+        shutil.copy(workspace["root"] / f"good_text_document{suffix}", data / f"good_text_document{suffix}")
+    mounted = subprocess.run(["mount", "--bind", str(data), str(data)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount a read-only directory here: {mounted.stderr.decode().strip()}")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(data)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        args = _data_path(TINY_GPT2 + ["--batch-size", "2", "--train-iters", "2"], [str(data / "good_text_document")])
+        out = _run(args)
+        assert out.returncode == 2, out.stderr[-3000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
+        assert errors and f"cannot write the cache {data}/good_text_document.index-cache" in errors[0]
+        assert "pass --cache-dir" in errors[0] and "Traceback" not in out.stderr
+        assert _run(args + ["--cache-dir", str(tmp_path / "cache")]).returncode == 0
+    finally:
+        subprocess.run(["umount", str(data)], capture_output=True)

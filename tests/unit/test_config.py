@@ -97,13 +97,17 @@ def test_vocab_size_flag_overrides_the_tokenizer() -> None:
 @pytest.mark.parametrize("environ,message", [
     ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK='abc' is not an integer"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
-    ({"RANK": "0", "WORLD_SIZE": "0"}, "world size 0"),
-    ({"RANK": "-1", "WORLD_SIZE": "1"}, r"rank -1 .* must be in \[0, 0\]"),
-    ({"RANK": "3", "WORLD_SIZE": "2"}, r"rank 3 .* must be in \[0, 1\]"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be at least 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "1"}, r"RANK=-1 must be in \[0, 0\] for WORLD_SIZE=1"),
+    ({"RANK": "1", "WORLD_SIZE": "1"}, r"RANK=1 must be in \[0, 0\] for WORLD_SIZE=1"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, r"RANK=3 must be in \[0, 1\]"),
+    ({"SLURM_PROCID": "4", "SLURM_NTASKS": "4", "MASTER_ADDR": "h"}, r"SLURM_PROCID=4 must be in \[0, 3\]"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": " "}, "MASTER_ADDR is set but empty"),
     ({"OMPI_COMM_WORLD_RANK": "0"}, "OMPI_COMM_WORLD_SIZE is not set"),
     ({"MASTER_PORT": "abc"}, "MASTER_PORT='abc' is not a TCP port"),
     ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "99999"}, "MASTER_PORT='99999' is not a TCP port"),
-], ids=["rank text", "local rank text", "world 0", "negative rank", "rank past world", "mpi without size",
+], ids=["rank text", "local rank text", "world 0", "negative rank", "rank 1 of 1", "rank past world", "slurm rank",
+        "empty master addr", "mpi without size",
         "port text", "port out of range"])
 def test_bad_launch_environment_is_a_config_error(environ: dict[str, str], message: str) -> None:
     """A launcher value that cannot form a process group is a user error at start-up (the previous

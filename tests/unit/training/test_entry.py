@@ -37,3 +37,19 @@ def test_other_errors_keep_their_traceback(error: BaseException) -> None:
 
 def test_success_is_status_0() -> None:
     assert run_entry_point(lambda: None) == 0
+
+
+@pytest.mark.parametrize("message", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234",
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 600000ms for recv",
+    "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error"])
+def test_a_lost_peer_is_one_line_and_status_1(message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_entry_point(_raise(RuntimeError(message))) == 1
+    assert "another rank most likely died" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("message", ["ProcessGroupGloo does not support this op", "nccl needs CUDA GPUs"])
+def test_a_message_naming_a_backend_is_not_a_lost_peer(message: str) -> None:
+    """Any text containing "gloo" or "NCCL" was reported as "another rank died" (issue 16)."""
+    with pytest.raises(RuntimeError):
+        run_entry_point(_raise(RuntimeError(message)))
