@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -340,6 +341,41 @@ def check_deepspeed_types(config: dict[str, Any], path: str) -> None:
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if str(stage) not in ("0", "1", "2", "3") or isinstance(stage, bool):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if "gradient_clipping" in config:
+        _check_ds_number(config["gradient_clipping"], "gradient_clipping", path, "1.0 (0 turns clipping off)")
+    if "optimizer" in config:
+        _check_ds_optimizer(config["optimizer"], path)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_ds_number(value: Any, key: str, path: str, example: str, positive: bool = False) -> None:
+    """ConfigError unless ``value`` is a finite number >= 0 (> 0 if ``positive``); DeepSpeed takes
+    any value here and fails (or silently does nothing) later."""
+    if not _is_number(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ConfigError(f"{path}: {key} must be a finite, {kind} number such as {example}, got {value!r}")
+
+
+def _check_ds_optimizer(optimizer: Any, path: str) -> None:
+    """The numeric hyper-parameters of a DeepSpeed ``optimizer`` block are numbers."""
+    example = '{"type": "Adam", "params": {"lr": 0.00015}}'
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("type"), str):
+        raise ConfigError(f"{path}: optimizer must be a JSON object with a \"type\", such as {example}")
+    params = optimizer.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{path}: optimizer.params must be a JSON object such as {{\"lr\": 0.00015}}, got {params!r}")
+    for key, positive in (("lr", True), ("weight_decay", False), ("eps", True)):
+        if key in params:
+            _check_ds_number(params[key], f"optimizer.params.{key}", path, "0.00015" if key == "lr" else "0.01",
+                             positive)
+    betas = params.get("betas")
+    if betas is not None and not (isinstance(betas, list) and len(betas) == 2
+                                  and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{path}: optimizer.params.betas must be two numbers in [0, 1) such as [0.9, 0.95], "
+                          f"got {betas!r}")
 
 
 def zero_stage(config: dict[str, Any]) -> int:

@@ -71,10 +71,17 @@ def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> i
                           "(torchrun, deepspeed, mpirun, srun): fix or unset it") from None
 
 
+MAX_RANKS = 2**31 - 1  # torch's stores and process groups count ranks in 32-bit integers
+
+
 def _checked(launch: LaunchEnv, names: tuple[str, str, str]) -> LaunchEnv:
     """``launch`` if its values can form a process group, else a ConfigError naming the variable
     (``names``: the launcher's rank, world-size and local-rank variables)."""
     rank, size, local = names
+    for name, value in ((rank, launch.rank), (size, launch.world_size), (local, launch.local_rank)):
+        if abs(value) > MAX_RANKS:
+            raise ConfigError(f"{name}={value} is out of range (at most {MAX_RANKS}); fix the launcher's variables "
+                              "or unset them")
     if launch.world_size < 1:
         raise ConfigError(f"{size}={launch.world_size} must be at least 1; fix the launcher's variables or unset them")
     if not 0 <= launch.rank < launch.world_size:
@@ -113,12 +120,24 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def check_master_addr(addr: str) -> None:
+    """ConfigError unless ``MASTER_ADDR`` resolves (torch's rendezvous otherwise retries until
+    the collective timeout, 10 minutes by default)."""
+    try:
+        socket.getaddrinfo(addr, None)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
+        raise ConfigError(f"MASTER_ADDR={addr!r} cannot be resolved ({reason}); set it to the rank-0 host's name or "
+                          "address (127.0.0.1 on one machine)") from None
+
+
 def initialize_distributed(parallel: ParallelConfig) -> None:
     """Join the process group of all ranks and select this rank's device."""
     if parallel.distributed_backend == "nccl":
         torch.cuda.set_device(parallel.device)
     if dist.is_initialized():
         return
+    check_master_addr(parallel.master_addr)
     # DeepSpeed and torch read these whatever the launcher was.
     os.environ.update(MASTER_ADDR=parallel.master_addr, MASTER_PORT=parallel.master_port,
                       RANK=str(parallel.rank), WORLD_SIZE=str(parallel.world_size),

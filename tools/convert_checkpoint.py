@@ -35,7 +35,8 @@ from megatron.checkpoint.lock import DirectoryLock  # noqa: E402
 from megatron.errors import ConfigError  # noqa: E402
 from megatron.model.hf_gpt2 import from_hf_state_dict, to_hf_state_dict  # noqa: E402
 from megatron.mpu import pad_vocab_size  # noqa: E402
-from megatron.tokenizer import TokenizerFileError, build_tokenizer, tokenizer_identity  # noqa: E402
+from megatron.tokenizer import build_tokenizer, tokenizer_identity  # noqa: E402
+from megatron.training.entry import run_entry_point  # noqa: E402
 
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
@@ -125,7 +126,9 @@ def open_output_run(save: str, load: str | None = None) -> DirectoryLock:
     if os.path.exists(save) and not os.path.isdir(save):
         raise ConfigError(f"--save {save} is a file; name a directory to create")
     lock = DirectoryLock(save)
-    lock.acquire("--save")
+    note = lock.acquire("--save")
+    if note:
+        print(f" note: {note}", flush=True)
     existing = complete_iterations(save)
     if existing or os.path.exists(os.path.join(save, TRACKER_FILENAME)):
         lock.release()
@@ -220,16 +223,16 @@ def reshard(args: argparse.Namespace) -> None:
           flush=True)
 
 
+def run(args: argparse.Namespace) -> None:
+    if getattr(args, "model_parallel_size", 1) <= 0:
+        raise ConfigError(f"--model-parallel-size must be positive, got {args.model_parallel_size}")
+    {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard}[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """0 done; 2 and one ``error:`` line for a user mistake; 1 and one line when a write failed."""
     args = build_parser().parse_args(argv)
-    try:
-        if getattr(args, "model_parallel_size", 1) <= 0:
-            raise ConfigError(f"--model-parallel-size must be positive, got {args.model_parallel_size}")
-        {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard}[args.command](args)
-    except (ConfigError, TokenizerFileError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_entry_point(lambda: run(args))
 
 
 if __name__ == "__main__":

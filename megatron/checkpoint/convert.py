@@ -38,10 +38,11 @@ from megatron.checkpoint.layout import (
     megatron_checkpoint_name,
     read_megatron_file,
     save_torch_file,
+    write_failure,
     write_text_atomic,
 )
 from megatron.checkpoint.verify import choose_checkpoint, describe, verify_checkpoint
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 
 StateDict = dict[str, torch.Tensor]
 _LAYERNORM_NAMES = ("input_layernorm.", "post_attention_layernorm.", "final_layernorm.")
@@ -160,7 +161,7 @@ def find_iteration(load: str, iteration: int | None = None) -> int:
         verdict = verify_checkpoint(os.path.join(load, checkpoint_tag(iteration)))
         if not verdict.ok:
             raise ConfigError(f"checkpoint {verdict.directory} is damaged: {describe(verdict)}; pick another "
-                              "--iteration or restore the files")
+                              "iteration (or none: the newest that verifies is taken) or restore the files")
         return iteration
     chosen = choose_checkpoint(load, lambda message: print(message, flush=True))
     if chosen is None:
@@ -393,17 +394,8 @@ def _seeded_generator_state(seed: int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor([seed, 0], dtype=torch.int64).view(torch.uint8).clone()  # Philox: seed, offset
 
 
-def write_megatron_checkpoint(checkpoint: Checkpoint, save: str, mp_size: int, seed: int = 1234) -> str:
-    """Write ``checkpoint`` in the Megatron layout for ``mp_size`` ranks; returns its directory.
-
-    Follows ``megatron.checkpoint.protocol``'s protocol: staged under ``iter_X.tmp``, its manifest
-    (the ``complete`` marker with every file's SHA-256) written, renamed, then named by the
-    tracker file. The caller holds the directory's writer lock and has checked that ``save``
-    holds no other run's checkpoints (``tools/convert_checkpoint.py`` does both).
-    """
-    tag = checkpoint_tag(checkpoint.iteration)
-    staging = os.path.join(save, tag + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+def _write_megatron_files(checkpoint: Checkpoint, save: str, tag: str, mp_size: int, seed: int) -> None:
+    """Each model-parallel rank's ``model_optim_rng.pt`` of ``checkpoint`` under ``save/tag``."""
     models = split_state_dict(checkpoint.model, mp_size)
     optimizers = (split_optimizer(checkpoint.optimizer, mp_size, checkpoint.model)
                   if checkpoint.optimizer is not None else None)
@@ -419,11 +411,33 @@ def write_megatron_checkpoint(checkpoint: Checkpoint, save: str, mp_size: int, s
             state["optimizer"] = optimizers[rank]
         if checkpoint.lr_scheduler is not None:
             state["lr_scheduler"] = checkpoint.lr_scheduler
-        save_torch_file(state, megatron_checkpoint_name(save, tag + ".tmp", rank))
-    digests = {name: file_digest(os.path.join(staging, name)) for name in checkpoint_files(staging)}
-    write_text_atomic(os.path.join(staging, COMPLETE_MARKER), manifest_text(checkpoint.iteration, digests))
-    final = os.path.join(save, tag)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
-    write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{checkpoint.iteration}\n")
+        save_torch_file(state, megatron_checkpoint_name(save, tag, rank))
+
+
+def write_megatron_checkpoint(checkpoint: Checkpoint, save: str, mp_size: int, seed: int = 1234) -> str:
+    """Write ``checkpoint`` in the Megatron layout for ``mp_size`` ranks; returns its directory.
+
+    Follows ``megatron.checkpoint.protocol``'s protocol: staged under ``iter_X.tmp``, its manifest
+    (the ``complete`` marker with every file's SHA-256) written, renamed, then named by the
+    tracker file. The caller holds the directory's writer lock and has checked that ``save``
+    holds no other run's checkpoints (``tools/convert_checkpoint.py`` does both).
+    """
+    tag = checkpoint_tag(checkpoint.iteration)
+    staging = os.path.join(save, tag + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_megatron_files(checkpoint, save, tag + ".tmp", mp_size, seed)
+        digests = {name: file_digest(os.path.join(staging, name)) for name in checkpoint_files(staging)}
+        write_text_atomic(os.path.join(staging, COMPLETE_MARKER), manifest_text(checkpoint.iteration, digests))
+        final = os.path.join(save, tag)
+        shutil.rmtree(final, ignore_errors=True)  # the caller checked it is not a complete checkpoint
+        os.replace(staging, final)
+        write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{checkpoint.iteration}\n")
+    except (OSError, RuntimeError) as error:
+        failure = write_failure(error, save)
+        if failure is None:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise TrainingAborted(f"the checkpoint could not be written to {save}: {failure}; nothing was kept: free "
+                              "space (or fix the directory) and run the command again") from None
     return final

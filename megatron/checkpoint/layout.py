@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ COMPLETE_MARKER = "complete"
 CHECKPOINT_VERSION = 1
 MANIFEST_FORMAT = 2  # 1: the marker held the iteration only
 HASH_CHUNK_BYTES = 8 * 2**20
+MAX_MARKER_BYTES = 64 * 2**20  # a manifest lists a few hundred files at most
 MODEL_CONFIG_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
                      "padded_vocab_size", "model_parallel_size", "pipe_parallel_size")
 TOKENIZER_KEYS = ("vocab_size", "eod_token", "tokenizer_sha256")
@@ -130,21 +132,54 @@ def manifest_text(iteration: int, files: dict[str, FileDigest]) -> str:
     return json.dumps({"format": MANIFEST_FORMAT, "iteration": iteration, "files": entries}, indent=1) + "\n"
 
 
+def is_decimal(text: str) -> bool:
+    """``text`` is a non-empty run of ASCII digits (``str.isdigit`` also accepts e.g. "²", which
+    ``int`` rejects)."""
+    return text.isascii() and text.isdigit()
+
+
+def _is_inside(name: str) -> bool:
+    """``name`` is a plain relative path that stays inside the checkpoint directory."""
+    return bool(name) and not os.path.isabs(name) and os.path.normpath(name) == name and \
+        not name.startswith("..") and ".." not in name.split(os.sep)
+
+
+def _parse_manifest(text: str) -> Manifest:
+    """The manifest in a marker's ``text``; ValueError (or another parsing error) if malformed."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or not isinstance(data.get("iteration"), int) or \
+            not isinstance(data.get("files"), dict):
+        raise ValueError("not a manifest object")
+    files = {}
+    for name, entry in data["files"].items():
+        size, sha256 = entry.get("size"), entry.get("sha256")
+        if not _is_inside(name) or not isinstance(size, int) or size < 0 or not isinstance(sha256, str):
+            raise ValueError(f"bad entry {name!r}")
+        files[name] = FileDigest(size, sha256)
+    return Manifest(data["iteration"], files)
+
+
 def read_manifest(directory: str) -> Manifest | None:
-    """The manifest of ``directory``'s ``complete`` marker; None when there is no readable marker."""
+    """The manifest of ``directory``'s ``complete`` marker; None when there is no readable marker
+    (missing, not UTF-8, malformed, or naming a file outside the checkpoint)."""
     try:
         with open(os.path.join(directory, COMPLETE_MARKER), "rb") as handle:
-            text = handle.read().decode("utf-8")
+            text = handle.read(MAX_MARKER_BYTES).decode("utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    if text.strip().isdigit():
-        return Manifest(int(text), None)
     try:
-        data = json.loads(text)
-        files = {name: FileDigest(int(entry["size"]), str(entry["sha256"])) for name, entry in data["files"].items()}
-        return Manifest(int(data["iteration"]), files)
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if is_decimal(text.strip()):
+            return Manifest(int(text), None)
+        return _parse_manifest(text)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
+
+
+def unlisted_files(directory: str, manifest: Manifest) -> list[str]:
+    """Problems for files of ``directory`` that its manifest does not list (a checkpoint's
+    manifest lists every file it was written with)."""
+    listed = manifest.files or {}
+    return [f"{name} is not in the manifest" for name in checkpoint_files(directory) if name not in listed]
 
 
 def verify_files(directory: str, manifest: Manifest, names: list[str]) -> list[str]:
@@ -165,6 +200,23 @@ def verify_files(directory: str, manifest: Manifest, names: list[str]) -> list[s
     return problems
 
 
+def write_failure(error: BaseException, directory: str) -> str | None:
+    """What went wrong writing a checkpoint into ``directory`` (with the space left there), or
+    None if ``error`` is not a failed write."""
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else str(error)
+    elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in (
+            "No space left", "unexpected pos", "PytorchStreamWriter", "file write failed", "write failed")):
+        reason = f"a file could not be written ({str(error).splitlines()[0][:160]})"
+    else:
+        return None
+    try:
+        free = f"{shutil.disk_usage(directory).free / 2**20:.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{reason} ({free})"
+
+
 def is_complete(load_dir: str, iteration: int) -> bool:
     return os.path.isfile(os.path.join(load_dir, checkpoint_tag(iteration), COMPLETE_MARKER))
 
@@ -173,7 +225,7 @@ def complete_iterations(load_dir: str) -> list[int]:
     """Iterations with a complete checkpoint under ``load_dir``, oldest first."""
     found = []
     for name in os.listdir(load_dir) if os.path.isdir(load_dir) else []:
-        if name.startswith("iter_") and name[5:].isdigit() and is_complete(load_dir, int(name[5:])):
+        if name.startswith("iter_") and is_decimal(name[5:]) and is_complete(load_dir, int(name[5:])):
             found.append(int(name[5:]))
     return sorted(found)
 
@@ -185,7 +237,7 @@ def read_tracker(load_dir: str) -> int | None:
             text = handle.read(64).decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if is_decimal(text) and len(text) < 20 else None
 
 
 def tracker_problem(load_dir: str) -> str | None:

@@ -16,12 +16,13 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 from dataclasses import dataclass
 
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 
 LOCK_FILENAME = ".writer.lock"
 
@@ -82,8 +83,7 @@ class DirectoryLock:
             os.makedirs(self.directory, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as error:
-            raise ConfigError(f"{flag} {self.directory} cannot be locked for writing ({error.strerror}); "
-                              "pick a directory you can write to") from None
+            raise self._unusable(flag, error) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
@@ -96,11 +96,29 @@ class DirectoryLock:
             raise ConfigError(f"{flag} {self.directory} is being written by another run ({who}); wait for it to "
                               "finish or stop it, or pick another directory") from None
         previous = _read_holder(fd)
-        _write_holder(fd)
+        try:
+            _write_holder(fd)
+        except OSError as error:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise self._unusable(flag, error) from None
         self.fd = fd
         if previous is not None and previous.is_dead_here():
             return f"took over the writer lock of {self.directory} from {previous.describe()} (no longer running)"
         return None
+
+    def _unusable(self, flag: str, error: OSError) -> Exception:
+        """The one-line error for a lock file that cannot be created or written: a full disk is
+        not the user's mistake (TrainingAborted, exit 1), the rest is (ConfigError)."""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(self.directory).free / 2**20 if os.path.isdir(self.directory) else 0.0
+            return TrainingAborted(f"{flag} {self.directory}: its writer lock {self.path} cannot be written "
+                                   f"({error.strerror}, {free:.0f} MB free there): free space and relaunch")
+        if os.path.isdir(self.path):
+            return ConfigError(f"{flag} {self.directory}: its writer lock {self.path} is a directory; remove it "
+                               "(it holds no checkpoint) and relaunch")
+        return ConfigError(f"{flag} {self.directory}: its writer lock {self.path} cannot be created ({error.strerror}); "
+                           "pick a directory you can write to")
 
     def release(self) -> None:
         """Clear the holder (a file left with one means its writer died) and unlock."""

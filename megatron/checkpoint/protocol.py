@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,7 @@ from megatron.checkpoint.layout import (
     fsync_tree,
     manifest_text,
     saved_model_parallel_size,
+    write_failure,
     write_text_atomic,
 )
 from megatron.checkpoint.lock import DirectoryLock
@@ -125,13 +127,19 @@ def _same_directory(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_not_another_run(save: str, load: str | None) -> None:
+def check_not_another_run(save: str, load: str | None, finetune: bool = False) -> None:
     """A ``--save`` holding checkpoints belongs to the run that wrote them: only that run,
-    resumed with ``--load`` on the same directory, may write there."""
+    resumed with ``--load`` on the same directory, may write there (a ``--finetune`` run starts
+    a new run at iteration 0, so it may not)."""
     existing = complete_iterations(save)
-    if existing and not _same_directory(save, load):
-        raise ConfigError(f"--save {save} already holds checkpoints of a run (iterations {existing[0]} to "
-                          f"{existing[-1]}) and this run does not resume it: pass --load {save} to continue that "
+    if not existing:
+        return
+    held = f"--save {save} already holds checkpoints of a run (iterations {existing[0]} to {existing[-1]})"
+    if finetune:
+        raise ConfigError(f"{held}, which --finetune (a new run from iteration 0) would overwrite: pass "
+                          "another --save for the fine-tuned run")
+    if not _same_directory(save, load):
+        raise ConfigError(f"{held} and this run does not resume it: pass --load {save} to continue that "
                           "run, or pick an empty directory for a new one")
 
 
@@ -141,7 +149,7 @@ def _open_as_rank_0(run: RunConfig) -> tuple[DirectoryLock | None, str | None, s
     lock = DirectoryLock(save)
     try:
         note = lock.acquire("--save")
-        check_not_another_run(save, run.checkpoint.load)
+        check_not_another_run(save, run.checkpoint.load, run.checkpoint.finetune)
     except ConfigError as error:
         lock.release()
         return None, None, str(error)
@@ -165,23 +173,6 @@ def open_save_directory(run: RunConfig) -> DirectoryLock | None:
     return lock
 
 
-def _write_failure(error: BaseException, directory: str) -> str | None:
-    """What went wrong writing a checkpoint into ``directory`` (with the space left there), or
-    None if ``error`` is not a failed write."""
-    if isinstance(error, OSError):
-        reason = os.strerror(error.errno) if error.errno else str(error)
-    elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in (
-            "No space left", "unexpected pos", "PytorchStreamWriter", "file write failed", "write failed")):
-        reason = f"a file could not be written ({str(error).splitlines()[0][:160]})"
-    else:
-        return None
-    try:
-        free = f"{shutil.disk_usage(directory).free / 2**20:.0f} MB free there"
-    except OSError:
-        free = "free space unknown"
-    return f"{reason} ({free})"
-
-
 def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: dict[str, Any]) -> str | None:
     """This rank's files of the checkpoint, flushed to disk; the failure if the write failed."""
     staging_dir = os.path.join(run.checkpoint.save, staging_tag)
@@ -190,11 +181,20 @@ def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: di
         if os.path.isdir(staging_dir):
             fsync_tree(staging_dir)
     except (OSError, RuntimeError) as error:
-        failure = _write_failure(error, run.checkpoint.save)
+        failure = write_failure(error, run.checkpoint.save)
         if failure is None:
             raise
         return failure
     return None
+
+
+def _keep_aside(final_dir: str) -> None:
+    """Rename an existing ``iter_*`` (one that did not verify, so the run resumed from an earlier
+    checkpoint and has now reached its iteration again) out of the way, never deleting it."""
+    aside = f"{final_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.replace(final_dir, aside)
+    _say(f" note: {final_dir} already existed (it did not verify when the run resumed); it was kept as {aside} "
+         "and the new checkpoint written in its place: delete the old one when you no longer need it")
 
 
 def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: int, manifest: str,
@@ -202,15 +202,15 @@ def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: in
     """Manifest into staging, rename into place, tracker; the failure if a write failed."""
     try:
         write_text_atomic(os.path.join(staging_dir, COMPLETE_MARKER), manifest)
-        if os.path.isdir(final_dir):
-            shutil.rmtree(final_dir)
+        if os.path.lexists(final_dir):
+            _keep_aside(final_dir)
         os.replace(staging_dir, final_dir)
         fsync_path(save)
         write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{iteration}\n")
         if writes_latest:
             write_text_atomic(os.path.join(save, "latest"), os.path.basename(final_dir))
     except OSError as error:
-        return _write_failure(error, save)
+        return write_failure(error, save)
     return None
 
 
@@ -220,11 +220,11 @@ def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None
         shutil.rmtree(staging_dir, ignore_errors=True)
     _barrier()
     newest = complete_iterations(save)
-    previous = f"the newest complete checkpoint is {checkpoint_tag(newest[-1])}" if newest else "no checkpoint"
+    previous = (f"the newest complete checkpoint, {checkpoint_tag(newest[-1])}, is intact" if newest
+                else "no earlier checkpoint exists")
     raise TrainingAborted(f"checkpoint {checkpoint_tag(iteration)} could not be written to {save}: "
                           f"{failure or 'another rank failed to write its files'}; the partial checkpoint was "
-                          f"removed and {previous} is intact: free space (or fix the directory) and relaunch "
-                          "to resume")
+                          f"removed and {previous}: free space (or fix the directory) and relaunch to resume")
 
 
 def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> str:

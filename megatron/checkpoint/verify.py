@@ -20,6 +20,7 @@ from megatron.checkpoint.layout import (
     file_digest,
     read_manifest,
     tracker_problem,
+    unlisted_files,
     verify_files,
 )
 from megatron.errors import ConfigError
@@ -72,7 +73,7 @@ def verify_checkpoint(directory: str) -> Verdict:
         return Verdict(directory, False, ["its complete marker is unreadable"])
     if manifest.files is None:
         return Verdict(directory, False, [])
-    problems: list[str] = []
+    problems: list[str] = unlisted_files(directory, manifest)
     for part in _gather(verify_files(directory, manifest, _share(sorted(manifest.files)))):
         problems.extend(part)
     return Verdict(directory, True, sorted(problems))

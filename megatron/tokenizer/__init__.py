@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Protocol
 
 from megatron.errors import ConfigError
@@ -51,17 +52,39 @@ def build_tokenizer(args: TokenizerSource) -> AbstractTokenizer:
     return GPT2BPETokenizer(args.vocab_file, args.merge_file)
 
 
+def _canonical(path: str) -> bytes:
+    """What in a tokenizer file decides the tokenization: a JSON vocabulary's mapping (not its
+    formatting), else the lines without line-end whitespace, trailing empty lines or GPT-2's
+    ``#version`` header (a line's position is a token id, so no other line is dropped).
+    Unreadable content is taken as it is."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
+    if path.endswith(".json"):
+        try:
+            return json.dumps(json.loads(text), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        except (ValueError, RecursionError):
+            return data
+    lines = [line.rstrip("\r\n \t") for line in text.splitlines()]
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return "\n".join(lines).rstrip("\n").encode("utf-8")
+
+
 def tokenizer_fingerprint(args: TokenizerSource) -> str:
-    """SHA-256 of the tokenizer's type and file contents (vocab, and merges for GPT-2's BPE): the
-    identity a checkpoint records, so that a run never resumes with another vocabulary.
-    Empty when the files are not given."""
+    """SHA-256 of the tokenizer's type and files (vocab, and merges for GPT-2's BPE), by content
+    that decides the tokenization (``_canonical``: re-formatting a file keeps it): the identity a
+    checkpoint records, so that a run never resumes with another vocabulary. Empty when the
+    files are not given."""
     paths = [args.vocab_file] + ([args.merge_file] if args.tokenizer_type == "GPT2BPETokenizer" else [])
     if not all(paths):
         return ""
     digest = hashlib.sha256(args.tokenizer_type.encode())
     for path in paths:
-        with open(path, "rb") as handle:
-            digest.update(handle.read())
+        digest.update(hashlib.sha256(_canonical(path)).digest())
     return digest.hexdigest()
 
 

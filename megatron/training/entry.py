@@ -31,7 +31,7 @@ def run_entry_point(run: Callable[[], None]) -> int:
     """Run an entry point's body; user errors and aborts become one line on stderr.
 
     Exit status: 0 done, 2 bad input (nothing was written), 1 training aborted or a collective
-    failed (most likely another rank died: its log has the cause).
+    failed (most likely another rank died: its log has the cause), 130 interrupted by SIGINT.
     """
     rank = os.environ.get("RANK", "0")
     prefix = "error" if rank == "0" else f"error (rank {rank})"
@@ -44,6 +44,11 @@ def run_entry_point(run: Callable[[], None]) -> int:
     except TrainingAborted as error:
         print(f"{prefix}: {error}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted (SIGINT): stopped without writing anything more; what was already saved is "
+              "intact (training: pass --exit-signal-handler to save a checkpoint on SIGINT/SIGTERM)",
+              file=sys.stderr, flush=True)
+        return 130
     except Exception as error:  # noqa: BLE001 - collective failures become one line, the rest re-raised
         if _is_collective_failure(error):
             print(f"{prefix}: a collective operation failed ({type(error).__name__}: {str(error)[:200]}); "

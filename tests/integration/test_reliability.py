@@ -96,7 +96,10 @@ def test_a_dead_rank_does_not_hang_the_others(demo_corpus: Path) -> None:
     assert "another rank most likely died" in stderr, stderr[-2000:]
 
 
-def test_sigterm_saves_a_loadable_checkpoint(demo_corpus: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_a_loadable_checkpoint(stop: signal.Signals, demo_corpus: Path, tmp_path: Path) -> None:
+    """With --exit-signal-handler, SIGTERM and SIGINT (Ctrl-C; a KeyboardInterrupt traceback and
+    nothing saved before issue 16) both save and exit 0."""
     save = tmp_path / "ckpt"
     args = ["--train-iters", "100000", "--lr-decay-iters", "100", "--save", str(save), "--save-interval", "100000",
             "--exit-signal-handler"]
@@ -105,10 +108,11 @@ def test_sigterm_saves_a_loadable_checkpoint(demo_corpus: Path, tmp_path: Path) 
     for line in proc.stdout:
         if re.search(r"iteration\s+4/", line):
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(stop)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
-    assert "exiting at iteration" in stdout and "(SIGTERM), checkpoint saved" in stdout
+    assert "exiting at iteration" in stdout and f"({stop.name}), checkpoint saved" in stdout
+    assert "Traceback" not in stderr
     iteration = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert iteration >= 4 and (save / f"iter_{iteration:07d}" / "complete").is_file()
     resumed = _run(["--train-iters", str(iteration + 2), "--lr-decay-iters", "100", "--load", str(save)])

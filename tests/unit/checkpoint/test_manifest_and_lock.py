@@ -87,13 +87,19 @@ def _hold_lock(directory: str, ready: multiprocessing.Event, release: multiproce
     lock.release()
 
 
-def test_one_writer_per_directory(tmp_path: Path) -> None:
+def _start_holder(directory: Path) -> tuple[multiprocessing.Process, multiprocessing.Event]:
+    """Another process holding ``directory``'s writer lock until the returned event is set."""
     context = multiprocessing.get_context("spawn")
     ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder = context.Process(target=_hold_lock, args=(str(directory), ready, release))
     holder.start()
+    assert ready.wait(60)
+    return holder, release
+
+
+def test_one_writer_per_directory(tmp_path: Path) -> None:
+    holder, release = _start_holder(tmp_path)
     try:
-        assert ready.wait(60)
         with pytest.raises(ConfigError, match=rf"is being written by another run \(pid {holder.pid} on "):
             DirectoryLock(str(tmp_path)).acquire()
     finally:
@@ -105,11 +111,7 @@ def test_one_writer_per_directory(tmp_path: Path) -> None:
 
 
 def test_a_dead_holder_is_taken_over_with_a_note(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("spawn")
-    ready, release = context.Event(), context.Event()
-    holder = context.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
-    holder.start()
-    assert ready.wait(60)
+    holder, _ = _start_holder(tmp_path)
     holder.kill()  # dies holding it: the kernel frees the lock, the file still names the holder
     holder.join(30)
     assert str(holder.pid) in (tmp_path / LOCK_FILENAME).read_text()

@@ -123,3 +123,28 @@ def test_pickle_roundtrip(demo_tokenizer):
 
     clone = pickle.loads(pickle.dumps(demo_tokenizer))
     assert clone.tokenize("pickled tokenizer") == demo_tokenizer.tokenize("pickled tokenizer")
+
+
+def test_fingerprint_follows_the_vocabulary_not_its_formatting(tmp_path, demo_paths):
+    """A checkpoint records this fingerprint; re-formatting vocab.json (indent, key order) or
+    merges.txt line ends keeps it, one changed merge or token id does not."""
+    from argparse import Namespace
+
+    from megatron.tokenizer import tokenizer_fingerprint
+
+    def fingerprint(vocab: Path, merges: Path) -> str:
+        return tokenizer_fingerprint(Namespace(tokenizer_type="GPT2BPETokenizer", vocab_file=str(vocab),
+                                               merge_file=str(merges)))
+
+    original = fingerprint(demo_paths["vocab"], demo_paths["merges"])
+    vocab = json.loads(Path(demo_paths["vocab"]).read_text(encoding="utf-8"))
+    merges = Path(demo_paths["merges"]).read_text(encoding="utf-8")
+    (tmp_path / "v.json").write_text(json.dumps(dict(reversed(vocab.items())), indent=0), encoding="utf-8")
+    (tmp_path / "m.txt").write_text(merges.replace("\n", "\r\n") + "\n\n", encoding="utf-8")
+    assert fingerprint(tmp_path / "v.json", tmp_path / "m.txt") == original
+    first, second = sorted(vocab, key=vocab.get)[:2]
+    (tmp_path / "swapped.json").write_text(json.dumps({**vocab, first: vocab[second], second: vocab[first]}))
+    assert fingerprint(tmp_path / "swapped.json", demo_paths["merges"]) != original
+    lines = merges.splitlines()
+    (tmp_path / "cut.txt").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    assert fingerprint(demo_paths["vocab"], tmp_path / "cut.txt") != original

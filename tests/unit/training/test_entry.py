@@ -53,3 +53,9 @@ def test_a_message_naming_a_backend_is_not_a_lost_peer(message: str) -> None:
     """Any text containing "gloo" or "NCCL" was reported as "another rank died" (issue 16)."""
     with pytest.raises(RuntimeError):
         run_entry_point(_raise(RuntimeError(message)))
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --exit-signal-handler, SIGINT printed a KeyboardInterrupt traceback (issue 16)."""
+    assert run_entry_point(_raise(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted (SIGINT)")
