@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections.abc
 import difflib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +28,12 @@ from megatron.backends.base import (
     build_lr_scheduler,
     build_optimizer,
     maybe_compile,
+)
+from megatron.backends.deepspeed_universal import (
+    load_resharded,
+    needs_resharding,
+    run_topology,
+    saved_topology,
 )
 from megatron.config import RunConfig
 from megatron.errors import ConfigError
@@ -186,6 +192,13 @@ class DeepSpeedEngineBackend:
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
         """The engine reads and applies in one call, so ``validate`` runs right after it."""
         directory = os.path.join(root, tag)
+        current = run_topology(self.run)
+        saved = saved_topology(directory, current)
+        if needs_resharding(saved, current, directory):
+            _, state = self._load_checked(directory, lambda: load_resharded(
+                self.model, self.run, root, tag, load_optimizer, saved))
+            validate(state)
+            return state
         model_file = self.model._get_ckpt_name(root, tag)  # this rank's file, whatever the mode
         if not os.path.isfile(model_file):
             if os.path.isdir(os.path.join(directory, "mp_rank_00")):
@@ -193,16 +206,23 @@ class DeepSpeedEngineBackend:
                                   "load it, or convert it with tools/convert_checkpoint.py")
             raise ConfigError(f"{model_file} is missing: the checkpoint was saved with another "
                               "--model-parallel-size or is incomplete")
+        _, state = self._load_checked(directory, lambda: self.model.load_checkpoint(
+            root, tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer))
+        validate(state)
+        return state
+
+    @staticmethod
+    def _load_checked(directory: str, load: Callable[[], tuple[str | None, dict[str, Any]]]
+                      ) -> tuple[str, dict[str, Any]]:
+        """``load()``'s result; a failure to read is a ConfigError naming ``directory``."""
         try:
-            path, state = self.model.load_checkpoint(root, tag=tag, load_optimizer_states=load_optimizer,
-                                                     load_lr_scheduler_states=load_optimizer)
+            path, state = load()
         except (RuntimeError, OSError, KeyError, EOFError) as error:
             raise ConfigError(f"DeepSpeed checkpoint {directory} cannot be loaded ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is corrupt or from another model/ZeRO setup") from None
         if path is None:
             raise ConfigError(f"DeepSpeed could not load {directory}")
-        validate(state)
-        return state
+        return path, state
 
 
 class DeepSpeedBackend(DeepSpeedEngineBackend):

@@ -103,6 +103,7 @@ class Manifest:
 
     iteration: int
     files: dict[str, FileDigest] | None
+    topology: dict[str, Any] | None = None  # how the run that wrote it was laid out (see manifest_text)
 
 
 def file_digest(path: str) -> FileDigest:
@@ -127,9 +128,15 @@ def checkpoint_files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def manifest_text(iteration: int, files: dict[str, FileDigest]) -> str:
+def manifest_text(iteration: int, files: dict[str, FileDigest], topology: dict[str, Any] | None = None) -> str:
+    """The ``complete`` marker: iteration, every file's size and SHA-256 and, when given, the
+    topology that wrote it (``path``, ``zero_stage``, ``data_parallel_size``,
+    ``model_parallel_size``, ``pipe_parallel_size``), which a resume at another topology reads."""
     entries = {name: {"size": d.size, "sha256": d.sha256} for name, d in sorted(files.items())}
-    return json.dumps({"format": MANIFEST_FORMAT, "iteration": iteration, "files": entries}, indent=1) + "\n"
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "iteration": iteration, "files": entries}
+    if topology is not None:
+        manifest["topology"] = topology
+    return json.dumps(manifest, indent=1) + "\n"
 
 
 def is_decimal(text: str) -> bool:
@@ -156,7 +163,8 @@ def _parse_manifest(text: str) -> Manifest:
         if not _is_inside(name) or not isinstance(size, int) or size < 0 or not isinstance(sha256, str):
             raise ValueError(f"bad entry {name!r}")
         files[name] = FileDigest(size, sha256)
-    return Manifest(data["iteration"], files)
+    topology = data.get("topology")
+    return Manifest(data["iteration"], files, topology if isinstance(topology, dict) else None)
 
 
 def read_manifest(directory: str) -> Manifest | None:

@@ -59,6 +59,14 @@ def run_model_config(run: RunConfig) -> dict[str, Any]:
             "pipe_parallel_size": run.parallel.pipe_parallel_size, **identity}
 
 
+def run_topology(run: RunConfig, backend: Backend) -> dict[str, Any]:
+    """How this run lays out its checkpoint files (recorded in each manifest)."""
+    parallel = run.parallel
+    return {"path": backend.name, "zero_stage": run.deepspeed.zero_stage if run.deepspeed.enabled else 0,
+            "data_parallel_size": parallel.data_parallel_size, "model_parallel_size": parallel.model_parallel_size,
+            "pipe_parallel_size": parallel.pipe_parallel_size}
+
+
 def client_state(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> dict[str, Any]:
     """The state both paths add to a checkpoint: progress, RNG, model and tokenizer description."""
     state: dict[str, Any] = {
@@ -108,9 +116,10 @@ def check_weights_finite(backend: Backend, iteration: int) -> None:
 
 
 def remove_stale_staging(save: str) -> None:
-    """Delete ``iter_*.tmp`` directories left by a killed save (only under the writer lock)."""
+    """Delete ``iter_*.tmp`` directories left by a killed save, and ``.reshard-*`` copies left by
+    a killed resharding load (only under the writer lock)."""
     for name in os.listdir(save) if os.path.isdir(save) else []:
-        if name.startswith("iter_") and name.endswith(".tmp"):
+        if (name.startswith("iter_") and name.endswith(".tmp")) or name.startswith(".reshard-"):
             shutil.rmtree(os.path.join(save, name), ignore_errors=True)
 
 
@@ -245,7 +254,7 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
     names = [checkpoint_files(staging_dir) if _rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
-    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]))
+    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]), run_topology(run, backend))
     failure = None
     if _rank() == 0:
         failure = _finish_as_rank_0(save, staging_dir, final_dir, iteration, manifest,

@@ -1,0 +1,55 @@
+"""When a DeepSpeed resume needs DeepSpeed's universal checkpoint, and what it refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from megatron.backends.deepspeed_universal import DeepSpeedTopology, needs_resharding, saved_topology
+from megatron.checkpoint.layout import FileDigest, manifest_text
+from megatron.errors import ConfigError
+
+
+def _topology(stage: int, dp: int, mp: int = 1, pp: int = 1) -> DeepSpeedTopology:
+    return DeepSpeedTopology(stage, dp, mp, pp)
+
+
+@pytest.mark.parametrize("saved,current,needed", [
+    (_topology(1, 2), _topology(1, 2), False),
+    (_topology(1, 2), _topology(2, 2), False),  # ZeRO 1 and 2 partition alike
+    (_topology(1, 2), _topology(1, 1), True),
+    (_topology(2, 2), _topology(3, 2), True),
+    (_topology(3, 4), _topology(3, 2), True),
+    (_topology(0, 4), _topology(0, 2), False),  # no partitions: the engine loads it as it is
+    (None, _topology(1, 2), False),  # not known: the engine decides (and says what is wrong)
+])
+def test_when_resharding_is_needed(saved: DeepSpeedTopology | None, current: DeepSpeedTopology, needed: bool) -> None:
+    assert needs_resharding(saved, current, "ckpt/iter_0000004") is needed
+
+
+@pytest.mark.parametrize("saved,current", [
+    (_topology(1, 2, mp=2), _topology(1, 1, mp=2)),
+    (_topology(1, 2, mp=2), _topology(1, 2, mp=1)),
+    (_topology(1, 1, pp=2), _topology(1, 2, pp=1)),
+])
+def test_tensor_or_pipeline_changes_are_refused(saved: DeepSpeedTopology, current: DeepSpeedTopology) -> None:
+    with pytest.raises(ConfigError, match="reshards the data-parallel size and ZeRO stage, not tensor or pipeline"):
+        needs_resharding(saved, current, "ckpt/iter_0000004")
+
+
+def test_topology_from_the_manifest_or_the_file_names(tmp_path: Path) -> None:
+    directory = tmp_path / "iter_0000004"
+    directory.mkdir()
+    topology = {"path": "deepspeed", "zero_stage": 2, "data_parallel_size": 4, "model_parallel_size": 1,
+                "pipe_parallel_size": 1}
+    (directory / "complete").write_text(manifest_text(4, {"a": FileDigest(1, "0" * 64)}, topology))
+    assert saved_topology(str(directory), _topology(1, 1)) == _topology(2, 4)
+    (directory / "complete").write_text("4\n")  # written before manifests: from the file names
+    for rank in range(3):
+        (directory / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (directory / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert saved_topology(str(directory), _topology(2, 1)) == _topology(2, 3)
+    for rank in range(3):
+        (directory / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert saved_topology(str(directory), _topology(1, 1)).zero_stage == 3
