@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron.backends.deepspeed_universal import DeepSpeedTopology, needs_resharding, saved_topology
+from megatron.backends.deepspeed_universal import (
+    DeepSpeedTopology,
+    needs_resharding,
+    saved_topology,
+)
 from megatron.checkpoint.layout import FileDigest, manifest_text
 from megatron.errors import ConfigError
 
