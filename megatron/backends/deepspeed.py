@@ -36,7 +36,7 @@ from megatron.backends.deepspeed_universal import (
     saved_topology,
 )
 from megatron.config import RunConfig
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 from megatron.model import (
     ActivationCheckpointing,
     default_activation_checkpointing,
@@ -215,9 +215,13 @@ class DeepSpeedEngineBackend:
     def _load_checked(directory: str, load: Callable[[], tuple[str | None, dict[str, Any]]]
                       ) -> tuple[str, dict[str, Any]]:
         """``load()``'s result; a failure to read is a ConfigError naming ``directory``."""
+        from deepspeed.runtime.zero.utils import ZeRORuntimeException
+
         try:
             path, state = load()
-        except (RuntimeError, OSError, KeyError, EOFError) as error:
+        except (ConfigError, TrainingAborted):
+            raise
+        except (RuntimeError, OSError, KeyError, EOFError, ZeRORuntimeException) as error:
             raise ConfigError(f"DeepSpeed checkpoint {directory} cannot be loaded ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is corrupt or from another model/ZeRO setup") from None
         if path is None:

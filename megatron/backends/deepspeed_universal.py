@@ -25,9 +25,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from megatron.checkpoint.layout import read_manifest
+from megatron.checkpoint.layout import read_manifest, write_failure
 from megatron.config import RunConfig
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ def _inferred_topology(directory: str, current: DeepSpeedTopology) -> DeepSpeedT
     if optim:
         stage = current.zero_stage if current.zero_stage in (1, 2) else 1
         return DeepSpeedTopology(stage, len(optim), mp_size, 1)
-    return None  # stage 0 (the optimizer is in the model-states file) or not DeepSpeed's
+    if models:  # stage 0: the optimizer is whole in the model-states file, at any data-parallel size
+        return DeepSpeedTopology(0, current.data_parallel_size, mp_size, 1)
+    return None  # not DeepSpeed's
 
 
 def saved_topology(directory: str, current: DeepSpeedTopology) -> DeepSpeedTopology | None:
@@ -87,24 +89,33 @@ def _layout(topology: DeepSpeedTopology) -> tuple[int, int]:
 
 
 def needs_resharding(saved: DeepSpeedTopology | None, current: DeepSpeedTopology, directory: str) -> bool:
-    """True when the engine cannot load ``saved`` as it is; ConfigError for a change this
-    module does not support (tensor or pipeline parallelism)."""
-    if saved is None or _layout(saved) == _layout(current):
-        if saved is not None and (saved.model_parallel_size, saved.pipe_parallel_size) != \
-                (current.model_parallel_size, current.pipe_parallel_size):
-            raise _unsupported(saved, current, directory)
+    """True when the engine cannot load ``saved`` as it is but DeepSpeed's universal checkpoint
+    can; ConfigError, naming both topologies and what to launch instead, for a change this does
+    not support: tensor or pipeline parallelism, and ZeRO stage 0 on either side (its optimizer
+    is not partitioned, and DeepSpeed converts only partitioned ones)."""
+    if saved is None:
         return False
-    if (saved.model_parallel_size, saved.pipe_parallel_size, current.model_parallel_size,
-            current.pipe_parallel_size) != (1, 1, 1, 1):
-        raise _unsupported(saved, current, directory)
+    sizes_differ = (saved.model_parallel_size, saved.pipe_parallel_size) != \
+        (current.model_parallel_size, current.pipe_parallel_size)
+    if sizes_differ:
+        raise _unsupported(saved, current, directory, "launch with the saved --model-parallel-size and "
+                           "--pipe-parallel-size, or convert the weights with tools/convert_checkpoint.py reshard "
+                           "(without optimizer state)")
+    if _layout(saved) == _layout(current):
+        return False
+    if (saved.model_parallel_size, saved.pipe_parallel_size) != (1, 1):
+        raise _unsupported(saved, current, directory, "with tensor or pipeline parallelism, launch at the saved ZeRO "
+                           f"stage ({saved.zero_stage}) and data-parallel size ({saved.data_parallel_size})")
+    if 0 in (saved.zero_stage, current.zero_stage):
+        keep = saved.zero_stage if saved.zero_stage == 0 else "1, 2 or 3"
+        raise _unsupported(saved, current, directory, f"ZeRO stage 0 does not partition the optimizer, and DeepSpeed "
+                           f"converts only partitioned checkpoints: launch at ZeRO stage {keep}")
     return True
 
 
-def _unsupported(saved: DeepSpeedTopology, current: DeepSpeedTopology, directory: str) -> ConfigError:
+def _unsupported(saved: DeepSpeedTopology, current: DeepSpeedTopology, directory: str, fix: str) -> ConfigError:
     return ConfigError(f"checkpoint {directory} was saved at {saved.describe()}; this run is {current.describe()}: "
-                       "the DeepSpeed path reshards the data-parallel size and ZeRO stage, not tensor or pipeline "
-                       "parallelism; launch with the saved --model-parallel-size/--pipe-parallel-size, or convert "
-                       "the weights with tools/convert_checkpoint.py reshard (without optimizer state)")
+                       f"that change is not supported: {fix}")
 
 
 def convert_to_universal(source: str, output: str) -> None:
@@ -189,39 +200,61 @@ def repair_optimizer_state(engine: Any, output: str) -> None:
             state["step"] = state["step"].clone()
 
 
-def snapshot_optimizer_state(engine: Any) -> dict[Any, dict[str, Any]]:
-    """A copy of the engine's optimizer state as built, before any load (torch's Adam creates
-    its state at the first step, so it is usually empty)."""
+@dataclass
+class OptimizerSnapshot:
+    """The engine's optimizer as built, before any load: its state (torch's Adam creates it at
+    the first step, so usually empty) and each group's hyper-parameters."""
+
+    state: dict[Any, dict[str, Any]]
+    groups: list[dict[str, Any]]
+
+
+def snapshot_optimizer_state(engine: Any) -> OptimizerSnapshot:
     import torch
 
-    return {param: {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
-            for param, state in engine.optimizer.optimizer.state.items()}
+    optimizer = engine.optimizer.optimizer
+    state = {param: {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in values.items()}
+             for param, values in optimizer.state.items()}
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return OptimizerSnapshot(state, groups)
 
 
-def restore_optimizer_state(engine: Any, snapshot: dict[Any, dict[str, Any]]) -> None:
-    """Put back the optimizer state ``snapshot`` took: DeepSpeed's ZeRO 1/2 universal load reads
-    the Adam moments even when told not to, and ``--no-load-optim`` must mean what it means on
-    the same topology (the engine's fresh state)."""
-    state = engine.optimizer.optimizer.state
-    state.clear()
-    state.update(snapshot)
+def restore_optimizer_state(engine: Any, snapshot: OptimizerSnapshot) -> None:
+    """Put back what ``snapshot`` took: DeepSpeed's universal loads read the Adam moments (ZeRO
+    1/2) and the saved hyper-parameters (every stage) even when told not to, and
+    ``--no-load-optim``/``--finetune`` must mean what they mean on the same topology (the
+    engine's fresh optimizer, this run's --lr)."""
+    optimizer = engine.optimizer.optimizer
+    optimizer.state.clear()
+    optimizer.state.update(snapshot.state)
+    for group, values in zip(optimizer.param_groups, snapshot.groups, strict=True):
+        group.update(values)
 
 
 def _scratch_root(run: RunConfig) -> str:
-    """Where the universal copy is staged: under ``--save`` (this run holds its writer lock)."""
+    """Where the universal copy is staged: under ``--save`` (this run holds its writer lock).
+    Every rank checks ``--save`` (it is configuration), so a refusal stops them all."""
     if not run.checkpoint.save:
         raise ConfigError("resuming a DeepSpeed checkpoint at another data-parallel size or ZeRO stage stages a "
                           "converted copy under --save: pass --save")
-    return os.path.join(run.checkpoint.save, f".reshard-{os.getpid() if dist.get_rank() == 0 else 0}")
+    return os.path.join(run.checkpoint.save, f".reshard-{os.getpid()}")
+
+
+def _conversion_failure(error: BaseException, save: str) -> tuple[str, bool]:
+    """(message, the user's fault) for a failed conversion: a failed write (a full disk) is not."""
+    written = write_failure(error, save) if isinstance(error, OSError | RuntimeError) else None
+    if written is not None:
+        return f"the converted copy could not be written under --save {save}: {written}", False
+    return f"{type(error).__name__}: {str(error)[:300]}", True
 
 
 def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimizer: bool,
                    saved: DeepSpeedTopology) -> tuple[str | None, dict[str, Any]]:
     """Load ``root/tag`` into ``engine`` through a universal copy; every rank calls it."""
-    scratch = [_scratch_root(run) if dist.get_rank() == 0 else None]
+    scratch = [_scratch_root(run)]
     dist.broadcast_object_list(scratch, src=0)
     output = os.path.join(scratch[0], tag)
-    failure = [None]
+    failure: list[tuple[str, bool] | None] = [None]
     if dist.get_rank() == 0:
         shutil.rmtree(scratch[0], ignore_errors=True)
         try:
@@ -229,17 +262,21 @@ def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimi
             match_model_states(output, run.deepspeed.zero_stage)
             match_optimizer_state(output, run.deepspeed.zero_stage)
         except Exception as error:  # noqa: BLE001 - reported on every rank below
-            failure = [f"{type(error).__name__}: {str(error)[:300]}"]
+            failure = [_conversion_failure(error, run.checkpoint.save)]
     dist.broadcast_object_list(failure, src=0)
     try:
         if failure[0] is not None:
-            raise ConfigError(f"DeepSpeed could not convert {os.path.join(root, tag)} ({saved.describe()}) to a "
-                              f"universal checkpoint: {failure[0]}")
+            message, users = failure[0]
+            text = f"DeepSpeed could not convert {os.path.join(root, tag)} ({saved.describe()}) to a universal " \
+                   f"checkpoint: {message}"
+            raise ConfigError(text) if users else TrainingAborted(text)
         fresh = None if load_optimizer else snapshot_optimizer_state(engine)
         config = engine._config  # DeepSpeed reads this flag only when loading: set it for this load alone
         config.load_universal_checkpoint = True
         try:
-            loaded = engine.load_checkpoint(scratch[0], tag=tag, load_optimizer_states=load_optimizer,
+            # Always through the optimizer path: ZeRO 3's module-only universal load looks for ZeRO 3
+            # optimizer files; without --load-optim the fresh optimizer is put back below.
+            loaded = engine.load_checkpoint(scratch[0], tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=load_optimizer)
         finally:
             config.load_universal_checkpoint = False

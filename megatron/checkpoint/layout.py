@@ -215,7 +215,7 @@ def write_failure(error: BaseException, directory: str) -> str | None:
         reason = os.strerror(error.errno) if error.errno else str(error)
     elif isinstance(error, RuntimeError) and any(mark in str(error) for mark in (
             "No space left", "unexpected pos", "PytorchStreamWriter", "file write failed", "write failed")):
-        reason = f"a file could not be written ({str(error).splitlines()[0][:160]})"
+        reason = f"a file could not be written, most likely no space left ({str(error).splitlines()[0][:160]})"
     else:
         return None
     try:

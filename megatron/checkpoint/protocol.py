@@ -35,6 +35,7 @@ from megatron.checkpoint.layout import (
     fsync_path,
     fsync_tree,
     manifest_text,
+    read_manifest,
     saved_model_parallel_size,
     write_failure,
     write_text_atomic,
@@ -268,6 +269,19 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
 
 
 def check_model_parallel_size(directory: str, run: RunConfig) -> None:
+    """The checkpoint's tensor- and pipeline-parallel sizes are this run's (a ConfigError naming
+    both otherwise): from its manifest's topology, else from its file names."""
+    manifest = read_manifest(directory)
+    topology = manifest.topology if manifest is not None else None
+    if topology:
+        saved_sizes = (topology.get("model_parallel_size"), topology.get("pipe_parallel_size"))
+        sizes = (run.parallel.model_parallel_size, run.parallel.pipe_parallel_size)
+        if saved_sizes != sizes:
+            raise ConfigError(f"checkpoint {directory} was saved at model parallel {saved_sizes[0]}, pipeline "
+                              f"{saved_sizes[1]}; this run is model parallel {sizes[0]}, pipeline {sizes[1]}: launch "
+                              "with the saved --model-parallel-size and --pipe-parallel-size, or convert it with "
+                              "tools/convert_checkpoint.py reshard")
+        return
     saved = saved_model_parallel_size(directory)
     if run.parallel.pipe_parallel_size > 1:
         return  # DeepSpeed numbers pipeline x tensor ranks together; model_config is checked instead

@@ -22,7 +22,7 @@ from megatron.backends.base import average_over_data_parallel
 from megatron.checkpoint.protocol import load_checkpoint, open_save_directory, save_checkpoint
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import RunConfig
-from megatron.errors import TrainingAborted
+from megatron.errors import ConfigError, TrainingAborted
 from megatron.launch import initialize_megatron
 from megatron.model.gpt2_pipe import PipelineDescription
 from megatron.training.data import DataIterators, DataProvider
@@ -225,6 +225,21 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
     return state
 
 
+def check_same_global_batch(state: TrainState, run: RunConfig) -> None:
+    """A resumed run keeps the checkpoint's global batch: the data set is sized for this run's
+    batch, so another one would run out of samples mid-run (changing it is not supported yet)."""
+    # A checkpoint without the count (0 at iteration > 0: written before it was kept) is not checked.
+    if state.iteration and state.consumed_samples and state.consumed_samples != state.iteration * run.global_batch_size:
+        saved = state.consumed_samples / state.iteration
+        training = run.training
+        accumulation = training.gradient_accumulation_steps
+        shape = f"--batch-size {training.micro_batch_size} x data parallel {run.parallel.data_parallel_size}" + \
+            (f" x accumulation {accumulation}" if accumulation > 1 else "")
+        raise ConfigError(f"the checkpoint consumed {state.consumed_samples} samples in {state.iteration} iterations "
+                          f"(global batch {saved:g}); this run's global batch is {run.global_batch_size} ({shape}): "
+                          "resume with the same global batch (changing it on resume is not supported yet)")
+
+
 def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
              forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None = None) -> TrainState:
     """Start-up, training, checkpoints and evaluation; every rank calls it.
@@ -250,6 +265,7 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
     state, rng_states = TrainState(), None
     if run.checkpoint.load:
         state.iteration, state.consumed_samples, rng_states = load_checkpoint(run, backend)
+        check_same_global_batch(state, run)
     parallel = run.parallel
     print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
                  f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "

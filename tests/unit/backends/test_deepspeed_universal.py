@@ -32,13 +32,15 @@ def test_when_resharding_is_needed(saved: DeepSpeedTopology | None, current: Dee
     assert needs_resharding(saved, current, "ckpt/iter_0000004") is needed
 
 
-@pytest.mark.parametrize("saved,current", [
-    (_topology(1, 2, mp=2), _topology(1, 1, mp=2)),
-    (_topology(1, 2, mp=2), _topology(1, 2, mp=1)),
-    (_topology(1, 1, pp=2), _topology(1, 2, pp=1)),
+@pytest.mark.parametrize("saved,current,fix", [
+    (_topology(1, 2, mp=2), _topology(1, 1, mp=2), r"launch at the saved ZeRO stage \(1\) and data-parallel size \(2\)"),
+    (_topology(1, 2, mp=2), _topology(1, 2, mp=1), "launch with the saved --model-parallel-size and --pipe-parallel"),
+    (_topology(1, 1, pp=2), _topology(1, 2, pp=1), "launch with the saved --model-parallel-size and --pipe-parallel"),
+    (_topology(0, 2), _topology(1, 2), "launch at ZeRO stage 0"),
+    (_topology(2, 2), _topology(0, 1), "launch at ZeRO stage 1, 2 or 3"),
 ])
-def test_tensor_or_pipeline_changes_are_refused(saved: DeepSpeedTopology, current: DeepSpeedTopology) -> None:
-    with pytest.raises(ConfigError, match="reshards the data-parallel size and ZeRO stage, not tensor or pipeline"):
+def test_unsupported_changes_are_refused(saved: DeepSpeedTopology, current: DeepSpeedTopology, fix: str) -> None:
+    with pytest.raises(ConfigError, match=f"this run is .*: that change is not supported: .*{fix}"):
         needs_resharding(saved, current, "ckpt/iter_0000004")
 
 

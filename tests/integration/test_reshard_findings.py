@@ -1,0 +1,123 @@
+"""Findings of a hostile review of the DeepSpeed resharding load (issue 17), kept as tests: each
+reproduces what failed when it was found.
+
+1. ZeRO 1 -> ZeRO 0 through the reshard path was an AttributeError traceback (exit 1); ZeRO 0
+   does not partition the optimizer and DeepSpeed converts only partitioned checkpoints, so
+   both directions are now refused in one line saying which stage to launch at.
+2. ZeRO 1 -> ZeRO 3 with --no-load-optim/--finetune is a ValueError traceback ("Unable to find
+   'latest' file at <save>/.reshard-<pid>/latest", exit 1).
+3. A ZeRO 0 source resumed at ZeRO 1 failed in the converter ("can't find *_optim_states.pt").
+4. --finetune / --no-load-optim through the reshard path take the first step at the checkpoint's
+   last learning rate (8e-4 here) and hyper-parameters instead of the new run's (--lr 1e-4):
+   DeepSpeed's universal load copies the saved param_groups even without the optimizer.
+5. A full disk under --save during the conversion was reported as a user mistake (exit 2) with
+   torch's "[enforce fail at inline_container.cc:672] . unexpected pos ..." and no word of space.
+6. A changed global batch on resume ran out of samples mid-run (StopIteration traceback).
+7. Without --save on 2 ranks, rank 1 called the checkpoint corrupt (a broken broadcast).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from launchers import NO_DROPOUT, TINY_GPT2, assert_one_line_error, losses, run_script
+
+
+def _tree_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _train(directory: Path, stage: int, ranks: int, micro_batch: int, iters: int, *extra: str,
+           check: bool = True) -> subprocess.CompletedProcess:
+    config = directory.parent / f"{directory.name}_z{stage}.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+    args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", str(iters), "--lr-decay-iters", "20",
+            "--save-interval", "4", "--batch-size", str(micro_batch), "--save", str(directory), "--deepspeed",
+            "--deepspeed_config", str(config), *extra]
+    return run_script("pretrain_gpt2.py", args, ranks if ranks > 1 else None, timeout=600, check=check)
+
+
+@pytest.fixture(scope="module")
+def zero1_dp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = tmp_path_factory.mktemp("reshard_findings") / "z1dp1"
+    _train(source, 1, 1, 4, 4)
+    return source
+
+
+def test_zero1_to_zero0_is_refused(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    before = _tree_digest(zero1_dp1)
+    result = _train(tmp_path / "out", 0, 1, 4, 6, "--load", str(zero1_dp1), check=False)
+    assert_one_line_error(result, "ZeRO stage 1, data parallel 1", "ZeRO stage 0, data parallel 1",
+                          "launch at ZeRO stage 1, 2 or 3")
+    assert _tree_digest(zero1_dp1) == before
+
+
+@pytest.mark.parametrize("flag", ["--no-load-optim", "--finetune"])
+def test_zero1_to_zero3_without_the_optimizer(flag: str, zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    result = _train(tmp_path / "out", 3, 1, 4, 6, "--load", str(zero1_dp1), flag, check=False)
+    assert "Traceback" not in result.stderr, result.stderr[-1500:]
+    assert result.returncode == 0, result.stderr[-1500:]
+
+
+def test_zero0_source_to_zero1_is_refused(demo_corpus: Path, tmp_path: Path) -> None:
+    source = tmp_path / "z0"
+    _train(source, 0, 1, 4, 4)
+    result = _train(tmp_path / "out", 1, 1, 4, 6, "--load", str(source), check=False)
+    assert_one_line_error(result, "ZeRO stage 0 does not partition the optimizer", "launch at ZeRO stage 0")
+
+
+def test_a_changed_global_batch_is_refused(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    result = _train(tmp_path / "out", 1, 1, 2, 6, "--load", str(zero1_dp1), check=False)
+    assert_one_line_error(result, "the checkpoint consumed 16 samples in 4 iterations (global batch 4); this run's "
+                                  "global batch is 2")
+
+
+def test_no_save_on_two_ranks_is_one_reason(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    config = tmp_path / "z1.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", "6", "--lr-decay-iters", "20",
+            "--batch-size", "2", "--load", str(zero1_dp1), "--deepspeed", "--deepspeed_config", str(config)]
+    result = run_script("pretrain_gpt2.py", args, 2, timeout=600, check=False)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode != 0 and errors and all("pass --save" in line for line in errors), errors
+
+
+def test_finetune_takes_the_new_learning_rate(demo_corpus: Path, tmp_path: Path) -> None:
+    """--finetune --lr 1e-4 from a ZeRO 1 DP 2 checkpoint: at DP 2 (no reshard) and at DP 1 (the
+    reshard path) the same data and weights give the same losses, unless the first step used
+    another learning rate."""
+    source = tmp_path / "z1dp2"
+    _train(source, 1, 2, 2, 4)
+    direct = _train(tmp_path / "direct", 1, 2, 2, 3, "--load", str(source), "--finetune", "--lr", "1e-4")
+    resharded = _train(tmp_path / "resharded", 1, 1, 4, 3, "--load", str(source), "--finetune", "--lr", "1e-4")
+    assert "resharded checkpoint" in resharded.stdout
+    a, b = losses(direct.stdout), losses(resharded.stdout)
+    assert abs(float(a[2]) - float(b[2])) <= 1e-5 * abs(float(a[2])), (a, b)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root for a tmpfs")
+def test_full_disk_during_conversion_is_a_fault(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(full)], check=True)
+    try:
+        before = _tree_digest(zero1_dp1)
+        result = _train(full, 3, 1, 4, 6, "--load", str(zero1_dp1), check=False)
+        assert result.returncode == 1, (result.returncode, result.stderr[-1500:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and "space" in errors[0].lower(), errors
+        assert not list(full.glob(".reshard-*"))
+        assert _tree_digest(zero1_dp1) == before
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
