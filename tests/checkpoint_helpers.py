@@ -3,12 +3,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import torch
 from launchers import DEMO_DIR, run_tool
+
+
+def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> str:
+    """One SHA-256 of every path and file under ``root`` (names in ``skip`` left out): equal
+    before and after means nothing there was changed, added or removed."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.name in skip:
+            continue
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def convert(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -23,34 +23,19 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from megatron.checkpoint.layout import read_manifest, write_failure
+from megatron.checkpoint.layout import Topology, read_manifest, write_failure
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted
 
 
-@dataclass(frozen=True)
-class DeepSpeedTopology:
-    """The layout of a DeepSpeed checkpoint's optimizer state."""
-
-    zero_stage: int
-    data_parallel_size: int
-    model_parallel_size: int
-    pipe_parallel_size: int
-
-    def describe(self) -> str:
-        return (f"ZeRO stage {self.zero_stage}, data parallel {self.data_parallel_size}, model parallel "
-                f"{self.model_parallel_size}, pipeline {self.pipe_parallel_size}")
+def run_topology(run: RunConfig) -> Topology:
+    return Topology.of(run, "deepspeed")
 
 
-def run_topology(run: RunConfig) -> DeepSpeedTopology:
-    parallel = run.parallel
-    return DeepSpeedTopology(run.deepspeed.zero_stage, parallel.data_parallel_size, parallel.model_parallel_size,
-                             parallel.pipe_parallel_size)
-
-
-def _inferred_topology(directory: str, current: DeepSpeedTopology) -> DeepSpeedTopology | None:
+def _inferred_topology(directory: str, current: Topology) -> Topology | None:
     """The topology of a checkpoint written before manifests recorded it, from its file names:
     ZeRO 3 writes a model-states file per rank, ZeRO 1/2 an optimizer file per data-parallel
     rank (stages 1 and 2 share a layout: the current stage is assumed), stage 0 neither."""
@@ -59,36 +44,32 @@ def _inferred_topology(directory: str, current: DeepSpeedTopology) -> DeepSpeedT
     models = glob.glob(os.path.join(directory, "mp_rank_*_model_states.pt"))
     mp_size = max(len(models), 1)
     if zero3:
-        return DeepSpeedTopology(3, len(zero3), mp_size, 1)
+        return Topology("deepspeed", 3, len(zero3), mp_size, 1)
     if optim:
         stage = current.zero_stage if current.zero_stage in (1, 2) else 1
-        return DeepSpeedTopology(stage, len(optim), mp_size, 1)
+        return Topology("deepspeed", stage, len(optim), mp_size, 1)
     if models:  # stage 0: the optimizer is whole in the model-states file, at any data-parallel size
-        return DeepSpeedTopology(0, current.data_parallel_size, mp_size, 1)
+        return Topology("deepspeed", 0, current.data_parallel_size, mp_size, 1)
     return None  # not DeepSpeed's
 
 
-def saved_topology(directory: str, current: DeepSpeedTopology) -> DeepSpeedTopology | None:
+def saved_topology(directory: str, current: Topology) -> Topology | None:
     """How the DeepSpeed checkpoint in ``directory`` was laid out; None when unknown."""
     manifest = read_manifest(directory)
     recorded = manifest.topology if manifest is not None else None
-    if recorded and str(recorded.get("path", "")).startswith("deepspeed"):
-        try:
-            return DeepSpeedTopology(int(recorded["zero_stage"]), int(recorded["data_parallel_size"]),
-                                     int(recorded["model_parallel_size"]), int(recorded["pipe_parallel_size"]))
-        except (KeyError, TypeError, ValueError):
-            pass
+    if recorded is not None and recorded.path.startswith("deepspeed"):
+        return recorded
     return _inferred_topology(directory, current)
 
 
-def _layout(topology: DeepSpeedTopology) -> tuple[int, int]:
+def _layout(topology: Topology) -> tuple[int, int]:
     """What decides the partition layout: ZeRO 0 (no partitions) and ZeRO 1/2 (one layout) share
     nothing with ZeRO 3; the data-parallel size sets the partitions."""
     kind = 3 if topology.zero_stage == 3 else (1 if topology.zero_stage in (1, 2) else 0)
     return kind, topology.data_parallel_size if kind else 1
 
 
-def needs_resharding(saved: DeepSpeedTopology | None, current: DeepSpeedTopology, directory: str) -> bool:
+def needs_resharding(saved: Topology | None, current: Topology, directory: str) -> bool:
     """True when the engine cannot load ``saved`` as it is but DeepSpeed's universal checkpoint
     can; ConfigError, naming both topologies and what to launch instead, for a change this does
     not support: tensor or pipeline parallelism, and ZeRO stage 0 on either side (its optimizer
@@ -113,7 +94,7 @@ def needs_resharding(saved: DeepSpeedTopology | None, current: DeepSpeedTopology
     return True
 
 
-def _unsupported(saved: DeepSpeedTopology, current: DeepSpeedTopology, directory: str, fix: str) -> ConfigError:
+def _unsupported(saved: Topology, current: Topology, directory: str, fix: str) -> ConfigError:
     return ConfigError(f"checkpoint {directory} was saved at {saved.describe()}; this run is {current.describe()}: "
                        f"that change is not supported: {fix}")
 
@@ -133,8 +114,6 @@ def match_model_states(output: str, target_stage: int) -> None:
     engines read ``zero_pp_rank_0_mp_rank_00_model_states.pt``, the others
     ``mp_rank_00_model_states.pt``. A ZeRO 3 source's file holds placeholders for the weights:
     they are filled from the universal fp32 weights for a target that loads the module whole."""
-    import torch
-
     zero3_name = os.path.join(output, "zero_pp_rank_0_mp_rank_00_model_states.pt")
     plain_name = os.path.join(output, "mp_rank_00_model_states.pt")
     if target_stage == 3 and not os.path.exists(zero3_name):
@@ -142,8 +121,8 @@ def match_model_states(output: str, target_stage: int) -> None:
     elif target_stage != 3 and not os.path.exists(plain_name):
         state = torch.load(zero3_name, map_location="cpu", weights_only=False)  # DeepSpeed's file: our own run's
         shapes = {name: shape for group in state["param_shapes"] for name, shape in group.items()}
-        optimizer = torch.load(os.path.join(output, "zero", "optimizer_state.pt"), map_location="cpu",
-                               weights_only=False)
+        optimizer_file = os.path.join(output, "zero", "optimizer_state.pt")
+        optimizer = torch.load(optimizer_file, map_location="cpu", weights_only=False)
         step = optimizer["optimizer_state_dict"]["state"][0]["step"]  # equal for every parameter
         module = state["module"]
         for name, placeholder in module.items():
@@ -164,8 +143,6 @@ def match_optimizer_state(output: str, target_stage: int) -> None:
     does not write (the step of any parameter: they are all equal); ZeRO 1/2 require
     ``ds_version``, which a ZeRO 3 source does not carry."""
     import deepspeed
-    import torch
-
     path = os.path.join(output, "zero", "optimizer_state.pt")
     state = torch.load(path, map_location="cpu", weights_only=False)  # DeepSpeed's file: our own run's
     if target_stage == 3 and "optimizer_state_dict" not in state:
@@ -183,10 +160,8 @@ def repair_optimizer_state(engine: Any, output: str) -> None:
     """Undo two slips of DeepSpeed's ZeRO 3 universal load: it copies the first parameter group's
     hyper-parameters onto every group (weight decay on the biases and LayerNorm weights, which our
     second group exempts), and gives every parameter one shared ``step`` tensor."""
-    import torch
-
-    saved = torch.load(os.path.join(output, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)["param_groups"]
+    path = os.path.join(output, "zero", "optimizer_state.pt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)["param_groups"]  # DeepSpeed's file: our run's
     groups = engine.optimizer.optimizer.param_groups  # the torch optimizer inside ZeRO's
     if len(saved) != len(groups):
         raise ConfigError(f"the checkpoint's optimizer has {len(saved)} parameter groups, this run's {len(groups)}: "
@@ -210,8 +185,6 @@ class OptimizerSnapshot:
 
 
 def snapshot_optimizer_state(engine: Any) -> OptimizerSnapshot:
-    import torch
-
     optimizer = engine.optimizer.optimizer
     state = {param: {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in values.items()}
              for param, values in optimizer.state.items()}
@@ -249,7 +222,7 @@ def _conversion_failure(error: BaseException, save: str) -> tuple[str, bool]:
 
 
 def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimizer: bool,
-                   saved: DeepSpeedTopology) -> tuple[str | None, dict[str, Any]]:
+                   saved: Topology) -> tuple[str | None, dict[str, Any]]:
     """Load ``root/tag`` into ``engine`` through a universal copy; every rank calls it."""
     scratch = [_scratch_root(run)]
     dist.broadcast_object_list(scratch, src=0)

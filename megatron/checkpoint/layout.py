@@ -15,16 +15,20 @@ is needed: the offline tools use it as the training run does.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from megatron.errors import ConfigError
+
+if TYPE_CHECKING:
+    from megatron.config import RunConfig
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 COMPLETE_MARKER = "complete"
@@ -97,13 +101,45 @@ class FileDigest:
 
 
 @dataclass(frozen=True)
+class Topology:
+    """How a run laid out its checkpoint files: the training path that wrote them (a backend's
+    ``name``) and the ZeRO stage and parallel sizes. Every manifest records it; a resume at
+    another topology reads it."""
+
+    path: str
+    zero_stage: int
+    data_parallel_size: int
+    model_parallel_size: int
+    pipe_parallel_size: int
+
+    @classmethod
+    def of(cls, run: RunConfig, path: str) -> Topology:
+        parallel = run.parallel
+        return cls(path, run.deepspeed.zero_stage if run.deepspeed.enabled else 0, parallel.data_parallel_size,
+                   parallel.model_parallel_size, parallel.pipe_parallel_size)
+
+    @classmethod
+    def from_record(cls, record: Any) -> Topology | None:
+        """The topology a manifest recorded; None when absent or malformed."""
+        try:
+            return cls(str(record["path"]), *(int(record[key]) for key in (
+                "zero_stage", "data_parallel_size", "model_parallel_size", "pipe_parallel_size")))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            return None
+
+    def describe(self) -> str:
+        return (f"ZeRO stage {self.zero_stage}, data parallel {self.data_parallel_size}, model parallel "
+                f"{self.model_parallel_size}, pipeline {self.pipe_parallel_size}")
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a ``complete`` marker says: the iteration and each file's digest (None: a marker
     from before manifests, nothing to verify against)."""
 
     iteration: int
     files: dict[str, FileDigest] | None
-    topology: dict[str, Any] | None = None  # how the run that wrote it was laid out (see manifest_text)
+    topology: Topology | None = None  # how the run that wrote it was laid out
 
 
 def file_digest(path: str) -> FileDigest:
@@ -128,14 +164,13 @@ def checkpoint_files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def manifest_text(iteration: int, files: dict[str, FileDigest], topology: dict[str, Any] | None = None) -> str:
+def manifest_text(iteration: int, files: dict[str, FileDigest], topology: Topology | None = None) -> str:
     """The ``complete`` marker: iteration, every file's size and SHA-256 and, when given, the
-    topology that wrote it (``path``, ``zero_stage``, ``data_parallel_size``,
-    ``model_parallel_size``, ``pipe_parallel_size``), which a resume at another topology reads."""
+    topology that wrote it."""
     entries = {name: {"size": d.size, "sha256": d.sha256} for name, d in sorted(files.items())}
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "iteration": iteration, "files": entries}
     if topology is not None:
-        manifest["topology"] = topology
+        manifest["topology"] = dataclasses.asdict(topology)
     return json.dumps(manifest, indent=1) + "\n"
 
 
@@ -163,8 +198,7 @@ def _parse_manifest(text: str) -> Manifest:
         if not _is_inside(name) or not isinstance(size, int) or size < 0 or not isinstance(sha256, str):
             raise ValueError(f"bad entry {name!r}")
         files[name] = FileDigest(size, sha256)
-    topology = data.get("topology")
-    return Manifest(data["iteration"], files, topology if isinstance(topology, dict) else None)
+    return Manifest(data["iteration"], files, Topology.from_record(data.get("topology")))
 
 
 def read_manifest(directory: str) -> Manifest | None:
@@ -261,15 +295,6 @@ def tracker_problem(load_dir: str) -> str | None:
     if not is_complete(load_dir, tracked):
         return f"{path} names iteration {tracked}, which has no complete checkpoint"
     return None
-
-
-def latest_iteration(load_dir: str) -> int | None:
-    """The iteration the tracker names if complete, else the newest complete one, else None."""
-    tracked = read_tracker(load_dir)
-    if tracked is not None and is_complete(load_dir, tracked):
-        return tracked
-    iterations = complete_iterations(load_dir)
-    return iterations[-1] if iterations else None
 
 
 def candidate_iterations(load_dir: str) -> list[int]:

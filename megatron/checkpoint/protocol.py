@@ -28,6 +28,7 @@ from megatron.checkpoint.layout import (
     CHECKPOINT_VERSION,
     COMPLETE_MARKER,
     TRACKER_FILENAME,
+    Topology,
     check_model_config,
     checkpoint_files,
     checkpoint_tag,
@@ -58,14 +59,6 @@ def run_model_config(run: RunConfig) -> dict[str, Any]:
         identity["tokenizer_sha256"] = run.tokenizer_sha256
     return {**run.model.shape(), "model_parallel_size": run.parallel.model_parallel_size,
             "pipe_parallel_size": run.parallel.pipe_parallel_size, **identity}
-
-
-def run_topology(run: RunConfig, backend: Backend) -> dict[str, Any]:
-    """How this run lays out its checkpoint files (recorded in each manifest)."""
-    parallel = run.parallel
-    return {"path": backend.name, "zero_stage": run.deepspeed.zero_stage if run.deepspeed.enabled else 0,
-            "data_parallel_size": parallel.data_parallel_size, "model_parallel_size": parallel.model_parallel_size,
-            "pipe_parallel_size": parallel.pipe_parallel_size}
 
 
 def client_state(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> dict[str, Any]:
@@ -255,7 +248,7 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
     names = [checkpoint_files(staging_dir) if _rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
-    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]), run_topology(run, backend))
+    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]), Topology.of(run, backend.name))
     failure = None
     if _rank() == 0:
         failure = _finish_as_rank_0(save, staging_dir, final_dir, iteration, manifest,
@@ -273,8 +266,8 @@ def check_model_parallel_size(directory: str, run: RunConfig) -> None:
     both otherwise): from its manifest's topology, else from its file names."""
     manifest = read_manifest(directory)
     topology = manifest.topology if manifest is not None else None
-    if topology:
-        saved_sizes = (topology.get("model_parallel_size"), topology.get("pipe_parallel_size"))
+    if topology is not None:
+        saved_sizes = (topology.model_parallel_size, topology.pipe_parallel_size)
         sizes = (run.parallel.model_parallel_size, run.parallel.pipe_parallel_size)
         if saved_sizes != sizes:
             raise ConfigError(f"checkpoint {directory} was saved at model parallel {saved_sizes[0]}, pipeline "

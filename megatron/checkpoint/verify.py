@@ -2,7 +2,7 @@
 
 Each rank hashes an equal share of the files (file ``i`` on rank ``i mod world``) and the results
 are gathered, so writing or checking a checkpoint costs one read of ``1 / world`` of it per rank.
-The serial versions serve the offline tools (no process group).
+Without a process group (the offline tools) one process does all of it.
 """
 
 from __future__ import annotations

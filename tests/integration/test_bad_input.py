@@ -3,7 +3,6 @@ exit status 2, no traceback, and no checkpoint already written is touched."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -11,18 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoint_helpers import tree_digest
 from launchers import ENV, REPO, TINY_GPT2, run_script
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder
-
-
-def _digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _run(args: list[str], nprocs: int = 1) -> subprocess.CompletedProcess:
@@ -168,7 +159,7 @@ def test_bad_input_is_one_clear_line(case: str, workspace: dict[str, Path]) -> N
     if extra and extra[0] == "DATA":
         flags = next((i for i, word in enumerate(extra) if word.startswith("--")), len(extra))
         args, extra = _data_path(args, extra[1:flags]), extra[flags:]
-    before = _digest(workspace["ckpt"]), _digest(workspace["corrupt"])
+    before = tree_digest(workspace["ckpt"]), tree_digest(workspace["corrupt"])
     out = _run(args + extra, nprocs)
     if nprocs == 1:
         assert out.returncode == 2, f"exit {out.returncode}\n{out.stdout[-1500:]}\n{out.stderr[-3000:]}"
@@ -177,7 +168,7 @@ def test_bad_input_is_one_clear_line(case: str, workspace: dict[str, Path]) -> N
     errors = [line for line in out.stderr.splitlines() if line.startswith("error")]
     assert errors and message in errors[0], out.stderr[-3000:]
     assert f'File "{REPO}' not in out.stderr, "a traceback of our code was printed"
-    assert (_digest(workspace["ckpt"]), _digest(workspace["corrupt"])) == before
+    assert (tree_digest(workspace["ckpt"]), tree_digest(workspace["corrupt"])) == before
 
 
 def test_compile_without_a_compiler_is_one_clear_line(demo_corpus: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ in test_reliability.py with SIGTERM).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from checkpoint_helpers import tree_digest
 from launchers import (
     ENV,
     REPO,
@@ -40,14 +40,7 @@ def _run(args: list[str], env: dict | None = None, nprocs: int | None = None) ->
 
 def _digest(root: Path) -> str:
     """Every file under ``root`` except the writer lock (a run's lock is not checkpoint data)."""
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.name == ".writer.lock":
-            continue
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return tree_digest(root, skip=(".writer.lock",))
 
 
 def _iterations(save: Path) -> list[int]:

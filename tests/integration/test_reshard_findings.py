@@ -18,7 +18,6 @@ reproduces what failed when it was found.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,16 +25,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from checkpoint_helpers import tree_digest
 from launchers import NO_DROPOUT, TINY_GPT2, assert_one_line_error, losses, run_script
-
-
-def _tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def _train(directory: Path, stage: int, ranks: int, micro_batch: int, iters: int, *extra: str,
@@ -56,11 +47,11 @@ def zero1_dp1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_zero1_to_zero0_is_refused(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
-    before = _tree_digest(zero1_dp1)
+    before = tree_digest(zero1_dp1)
     result = _train(tmp_path / "out", 0, 1, 4, 6, "--load", str(zero1_dp1), check=False)
     assert_one_line_error(result, "ZeRO stage 1, data parallel 1", "ZeRO stage 0, data parallel 1",
                           "launch at ZeRO stage 1, 2 or 3")
-    assert _tree_digest(zero1_dp1) == before
+    assert tree_digest(zero1_dp1) == before
 
 
 @pytest.mark.parametrize("flag", ["--no-load-optim", "--finetune"])
@@ -112,12 +103,12 @@ def test_full_disk_during_conversion_is_a_fault(zero1_dp1: Path, demo_corpus: Pa
     full.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(full)], check=True)
     try:
-        before = _tree_digest(zero1_dp1)
+        before = tree_digest(zero1_dp1)
         result = _train(full, 3, 1, 4, 6, "--load", str(zero1_dp1), check=False)
         assert result.returncode == 1, (result.returncode, result.stderr[-1500:])
         errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and "space" in errors[0].lower(), errors
         assert not list(full.glob(".reshard-*"))
-        assert _tree_digest(zero1_dp1) == before
+        assert tree_digest(zero1_dp1) == before
     finally:
         subprocess.run(["umount", str(full)], check=False)

@@ -6,17 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from megatron.backends.deepspeed_universal import (
-    DeepSpeedTopology,
-    needs_resharding,
-    saved_topology,
-)
-from megatron.checkpoint.layout import FileDigest, manifest_text
+from megatron.backends.deepspeed_universal import needs_resharding, saved_topology
+from megatron.checkpoint.layout import FileDigest, Topology, manifest_text
 from megatron.errors import ConfigError
 
 
-def _topology(stage: int, dp: int, mp: int = 1, pp: int = 1) -> DeepSpeedTopology:
-    return DeepSpeedTopology(stage, dp, mp, pp)
+def _topology(stage: int, dp: int, mp: int = 1, pp: int = 1) -> Topology:
+    return Topology("deepspeed", stage, dp, mp, pp)
 
 
 @pytest.mark.parametrize("saved,current,needed", [
@@ -28,7 +24,7 @@ def _topology(stage: int, dp: int, mp: int = 1, pp: int = 1) -> DeepSpeedTopolog
     (_topology(0, 4), _topology(0, 2), False),  # no partitions: the engine loads it as it is
     (None, _topology(1, 2), False),  # not known: the engine decides (and says what is wrong)
 ])
-def test_when_resharding_is_needed(saved: DeepSpeedTopology | None, current: DeepSpeedTopology, needed: bool) -> None:
+def test_when_resharding_is_needed(saved: Topology | None, current: Topology, needed: bool) -> None:
     assert needs_resharding(saved, current, "ckpt/iter_0000004") is needed
 
 
@@ -39,7 +35,7 @@ def test_when_resharding_is_needed(saved: DeepSpeedTopology | None, current: Dee
     (_topology(0, 2), _topology(1, 2), "launch at ZeRO stage 0"),
     (_topology(2, 2), _topology(0, 1), "launch at ZeRO stage 1, 2 or 3"),
 ])
-def test_unsupported_changes_are_refused(saved: DeepSpeedTopology, current: DeepSpeedTopology, fix: str) -> None:
+def test_unsupported_changes_are_refused(saved: Topology, current: Topology, fix: str) -> None:
     with pytest.raises(ConfigError, match=f"this run is .*: that change is not supported: .*{fix}"):
         needs_resharding(saved, current, "ckpt/iter_0000004")
 
@@ -47,9 +43,7 @@ def test_unsupported_changes_are_refused(saved: DeepSpeedTopology, current: Deep
 def test_topology_from_the_manifest_or_the_file_names(tmp_path: Path) -> None:
     directory = tmp_path / "iter_0000004"
     directory.mkdir()
-    topology = {"path": "deepspeed", "zero_stage": 2, "data_parallel_size": 4, "model_parallel_size": 1,
-                "pipe_parallel_size": 1}
-    (directory / "complete").write_text(manifest_text(4, {"a": FileDigest(1, "0" * 64)}, topology))
+    (directory / "complete").write_text(manifest_text(4, {"a": FileDigest(1, "0" * 64)}, _topology(2, 4)))
     assert saved_topology(str(directory), _topology(1, 1)) == _topology(2, 4)
     (directory / "complete").write_text("4\n")  # written before manifests: from the file names
     for rank in range(3):

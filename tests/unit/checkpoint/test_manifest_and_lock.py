@@ -11,9 +11,9 @@ import pytest
 from megatron.checkpoint.layout import (
     COMPLETE_MARKER,
     TRACKER_FILENAME,
+    candidate_iterations,
     checkpoint_files,
     file_digest,
-    latest_iteration,
     manifest_text,
     read_manifest,
 )
@@ -75,7 +75,7 @@ def test_an_unreadable_tracker_falls_back_to_the_newest_complete(tmp_path: Path)
     _checkpoint(tmp_path, 2)
     _checkpoint(tmp_path, 5)
     (tmp_path / TRACKER_FILENAME).write_bytes(b"\xff\xfe\x00garbage")
-    assert latest_iteration(str(tmp_path)) == 5
+    assert candidate_iterations(str(tmp_path))[0] == 5
     assert choose_checkpoint(str(tmp_path), print)[0] == 5
 
 
