@@ -39,7 +39,7 @@ from megatron.errors import ConfigError
 from megatron.model.bert_modeling import BertConfig, BertModel
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
 from megatron.tokenizer.wordpiece import WORDPIECE_TYPES
-from megatron.training.data import DataIterators, build_data_iterators
+from megatron.training.data import DataIterators, DataPosition, build_data_iterators
 from megatron.training.entry import exit_process, run_entry_point
 from megatron.training.log import print_rank_0
 from megatron.training.loop import pretrain
@@ -149,12 +149,12 @@ def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, run: Ru
     return loss
 
 
-def data_provider(run: RunConfig, consumed_samples: int, options: BertOptions) -> DataIterators:
+def data_provider(run: RunConfig, position: DataPosition, options: BertOptions) -> DataIterators:
     """Loaders on model-parallel rank 0 of each group (the others get their batches by broadcast)."""
     def build_datasets(run: RunConfig, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
         return build_bert_datasets(run.data, options.sample, build_tokenizer(run.data), num_samples)
 
-    return build_data_iterators(run, consumed_samples, build_datasets, build_bert_data_loader)
+    return build_data_iterators(run, position, build_datasets, build_bert_data_loader)
 
 
 def _uses_demo(args: argparse.Namespace) -> bool:

@@ -20,7 +20,7 @@ from megatron.data.demo import ensure_demo_corpus
 from megatron.model import GPT2Model, build_gpt2_model, lm_loss
 from megatron.model.gpt2_pipe import PipelineDescription, gpt2_pipeline_description
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
-from megatron.training.data import DataIterators, build_data_iterators
+from megatron.training.data import DataIterators, DataPosition, build_data_iterators
 from megatron.training.entry import exit_process, run_entry_point
 from megatron.training.log import print_rank_0
 from megatron.training.loop import pretrain
@@ -87,12 +87,12 @@ def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, run: Ru
     return lm_loss(logits, labels, loss_mask, run.model.vocab_size)
 
 
-def data_provider(run: RunConfig, consumed_samples: int) -> DataIterators:
+def data_provider(run: RunConfig, position: DataPosition) -> DataIterators:
     """Loaders on model-parallel rank 0 of each group (the others get their batches by broadcast)."""
     def build_datasets(run: RunConfig, num_samples: tuple[int, int, int]) -> tuple[Any, Any, Any]:
         return build_train_valid_test_datasets(run.data, build_tokenizer(run.data), num_samples)
 
-    return build_data_iterators(run, consumed_samples, build_datasets, build_data_loader)
+    return build_data_iterators(run, position, build_datasets, build_data_loader)
 
 
 def _uses_demo(args: argparse.Namespace) -> bool:

@@ -29,11 +29,14 @@ from megatron.backends.base import (
     build_optimizer,
     maybe_compile,
 )
-from megatron.backends.deepspeed_universal import (
-    load_resharded,
-    needs_resharding,
-    run_topology,
+from megatron.backends.deepspeed_universal import deepspeed_converter, load_resharded
+from megatron.checkpoint.layout import Topology
+from megatron.checkpoint.reshard import (
+    DEEPSPEED_UNIVERSAL,
+    NATIVE,
+    plan_resume,
     saved_topology,
+    universal_copy_converter,
 )
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted
@@ -192,11 +195,17 @@ class DeepSpeedEngineBackend:
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
         """The engine reads and applies in one call, so ``validate`` runs right after it."""
         directory = os.path.join(root, tag)
-        current = run_topology(self.run)
+        current = Topology.of(self.run, self.name)
         saved = saved_topology(directory, current)
-        if needs_resharding(saved, current, directory):
+        plan = plan_resume(saved, current, directory)
+        if plan != NATIVE:
+            if plan == DEEPSPEED_UNIVERSAL:
+                convert, how = deepspeed_converter(directory, current.zero_stage), "DeepSpeed's universal checkpoint"
+            else:
+                convert = universal_copy_converter(directory, self.run, current, load_optimizer, validate)
+                how = "a universal copy (one folder per parameter)"
             _, state = self._load_checked(directory, lambda: load_resharded(
-                self.model, self.run, root, tag, load_optimizer, saved))
+                self.model, self.run, root, tag, load_optimizer, saved, convert, how))
             validate(state)
             return state
         model_file = self.model._get_ckpt_name(root, tag)  # this rank's file, whatever the mode

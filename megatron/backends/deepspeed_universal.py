@@ -1,17 +1,14 @@
-"""Resuming a DeepSpeed checkpoint at another data-parallel size or ZeRO stage, with its optimizer.
+"""Loading a checkpoint into a DeepSpeed engine at another topology, through a universal copy.
 
 DeepSpeed ZeRO checkpoints hold each rank's flat partition of the fp32 master weights and Adam
-moments, so the engine loads them only at the data-parallel size and stage that wrote them.
-DeepSpeed's own universal checkpoints lift that: ``deepspeed.checkpoint.ds_to_universal`` turns
-the partitions into one folder per parameter (fp32 weights, ``exp_avg``, ``exp_avg_sq``, step),
-and an engine configured with ``"checkpoint": {"load_universal": true}`` loads such a folder at
-any data-parallel size and ZeRO stage 0-3. This module decides when a resume needs that, runs the
-conversion into a scratch directory under ``--save`` (the run holds its writer lock; the
-directory read, ``--load``, is never written), loads from it and removes it.
-
-Supported here: the DeepSpeed path without tensor or pipeline parallelism on either side (the
-universal format merges tensor-parallel slices only with parameter patterns this model does not
-declare yet); other changes are refused with a one-line error.
+moments, so the engine loads them only at the data-parallel size and stage that wrote them. An
+engine configured with ``"checkpoint": {"load_universal": true}`` instead loads one folder per
+parameter (fp32 weights, ``exp_avg``, ``exp_avg_sq``, step) at any data-parallel size, ZeRO stage
+1-3 and tensor-parallel size. Two converters write such a folder (``megatron.checkpoint.reshard``
+chooses): DeepSpeed's own ``ds_to_universal``, for a DeepSpeed checkpoint at another
+data-parallel size or ZeRO stage, with the repairs below around its converter and loader; and our
+universal copy (``megatron.checkpoint.universal``) for everything else. The copy is staged
+under ``--save`` and removed after the load; ``--load`` is never written.
 """
 
 from __future__ import annotations
@@ -20,83 +17,16 @@ import argparse
 import glob
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from megatron.checkpoint.layout import Topology, read_manifest, write_failure
+from megatron.checkpoint.layout import Topology
+from megatron.checkpoint.reshard import announce, describe, staged_copy
 from megatron.config import RunConfig
-from megatron.errors import ConfigError, TrainingAborted
-
-
-def run_topology(run: RunConfig) -> Topology:
-    return Topology.of(run, "deepspeed")
-
-
-def _inferred_topology(directory: str, current: Topology) -> Topology | None:
-    """The topology of a checkpoint written before manifests recorded it, from its file names:
-    ZeRO 3 writes a model-states file per rank, ZeRO 1/2 an optimizer file per data-parallel
-    rank (stages 1 and 2 share a layout: the current stage is assumed), stage 0 neither."""
-    zero3 = glob.glob(os.path.join(directory, "zero_pp_rank_*_mp_rank_00_model_states.pt"))
-    optim = glob.glob(os.path.join(directory, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    models = glob.glob(os.path.join(directory, "mp_rank_*_model_states.pt"))
-    mp_size = max(len(models), 1)
-    if zero3:
-        return Topology("deepspeed", 3, len(zero3), mp_size, 1)
-    if optim:
-        stage = current.zero_stage if current.zero_stage in (1, 2) else 1
-        return Topology("deepspeed", stage, len(optim), mp_size, 1)
-    if models:  # stage 0: the optimizer is whole in the model-states file, at any data-parallel size
-        return Topology("deepspeed", 0, current.data_parallel_size, mp_size, 1)
-    return None  # not DeepSpeed's
-
-
-def saved_topology(directory: str, current: Topology) -> Topology | None:
-    """How the DeepSpeed checkpoint in ``directory`` was laid out; None when unknown."""
-    manifest = read_manifest(directory)
-    recorded = manifest.topology if manifest is not None else None
-    if recorded is not None and recorded.path.startswith("deepspeed"):
-        return recorded
-    return _inferred_topology(directory, current)
-
-
-def _layout(topology: Topology) -> tuple[int, int]:
-    """What decides the partition layout: ZeRO 0 (no partitions) and ZeRO 1/2 (one layout) share
-    nothing with ZeRO 3; the data-parallel size sets the partitions."""
-    kind = 3 if topology.zero_stage == 3 else (1 if topology.zero_stage in (1, 2) else 0)
-    return kind, topology.data_parallel_size if kind else 1
-
-
-def needs_resharding(saved: Topology | None, current: Topology, directory: str) -> bool:
-    """True when the engine cannot load ``saved`` as it is but DeepSpeed's universal checkpoint
-    can; ConfigError, naming both topologies and what to launch instead, for a change this does
-    not support: tensor or pipeline parallelism, and ZeRO stage 0 on either side (its optimizer
-    is not partitioned, and DeepSpeed converts only partitioned ones)."""
-    if saved is None:
-        return False
-    sizes_differ = (saved.model_parallel_size, saved.pipe_parallel_size) != \
-        (current.model_parallel_size, current.pipe_parallel_size)
-    if sizes_differ:
-        raise _unsupported(saved, current, directory, "launch with the saved --model-parallel-size and "
-                           "--pipe-parallel-size, or convert the weights with tools/convert_checkpoint.py reshard "
-                           "(without optimizer state)")
-    if _layout(saved) == _layout(current):
-        return False
-    if (saved.model_parallel_size, saved.pipe_parallel_size) != (1, 1):
-        raise _unsupported(saved, current, directory, "with tensor or pipeline parallelism, launch at the saved ZeRO "
-                           f"stage ({saved.zero_stage}) and data-parallel size ({saved.data_parallel_size})")
-    if 0 in (saved.zero_stage, current.zero_stage):
-        keep = saved.zero_stage if saved.zero_stage == 0 else "1, 2 or 3"
-        raise _unsupported(saved, current, directory, f"ZeRO stage 0 does not partition the optimizer, and DeepSpeed "
-                           f"converts only partitioned checkpoints: launch at ZeRO stage {keep}")
-    return True
-
-
-def _unsupported(saved: Topology, current: Topology, directory: str, fix: str) -> ConfigError:
-    return ConfigError(f"checkpoint {directory} was saved at {saved.describe()}; this run is {current.describe()}: "
-                       f"that change is not supported: {fix}")
+from megatron.errors import ConfigError
 
 
 def convert_to_universal(source: str, output: str) -> None:
@@ -204,52 +134,30 @@ def restore_optimizer_state(engine: Any, snapshot: OptimizerSnapshot) -> None:
         group.update(values)
 
 
-def _scratch_root(run: RunConfig) -> str:
-    """Where the universal copy is staged: under ``--save`` (this run holds its writer lock).
-    Every rank checks ``--save`` (it is configuration), so a refusal stops them all."""
-    if not run.checkpoint.save:
-        raise ConfigError("resuming a DeepSpeed checkpoint at another data-parallel size or ZeRO stage stages a "
-                          "converted copy under --save: pass --save")
-    return os.path.join(run.checkpoint.save, f".reshard-{os.getpid()}")
+def deepspeed_converter(source: str, target_stage: int) -> Callable[[str], None]:
+    """``convert(output)``: DeepSpeed's ``ds_to_universal`` of ``source``, named for the target."""
+
+    def convert(output: str) -> None:
+        convert_to_universal(source, output)
+        match_model_states(output, target_stage)
+        match_optimizer_state(output, target_stage)
+
+    return convert
 
 
-def _conversion_failure(error: BaseException, save: str) -> tuple[str, bool]:
-    """(message, the user's fault) for a failed conversion: a failed write (a full disk) is not."""
-    written = write_failure(error, save) if isinstance(error, OSError | RuntimeError) else None
-    if written is not None:
-        return f"the converted copy could not be written under --save {save}: {written}", False
-    return f"{type(error).__name__}: {str(error)[:300]}", True
-
-
-def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimizer: bool,
-                   saved: Topology) -> tuple[str | None, dict[str, Any]]:
-    """Load ``root/tag`` into ``engine`` through a universal copy; every rank calls it."""
-    scratch = [_scratch_root(run)]
-    dist.broadcast_object_list(scratch, src=0)
-    output = os.path.join(scratch[0], tag)
-    failure: list[tuple[str, bool] | None] = [None]
-    if dist.get_rank() == 0:
-        shutil.rmtree(scratch[0], ignore_errors=True)
-        try:
-            convert_to_universal(os.path.join(root, tag), output)
-            match_model_states(output, run.deepspeed.zero_stage)
-            match_optimizer_state(output, run.deepspeed.zero_stage)
-        except Exception as error:  # noqa: BLE001 - reported on every rank below
-            failure = [_conversion_failure(error, run.checkpoint.save)]
-    dist.broadcast_object_list(failure, src=0)
-    try:
-        if failure[0] is not None:
-            message, users = failure[0]
-            text = f"DeepSpeed could not convert {os.path.join(root, tag)} ({saved.describe()}) to a universal " \
-                   f"checkpoint: {message}"
-            raise ConfigError(text) if users else TrainingAborted(text)
+def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimizer: bool, saved: Topology,
+                   convert: Callable[[str], None], how: str) -> tuple[str | None, dict[str, Any]]:
+    """Load ``root/tag`` into ``engine`` through the universal copy ``convert`` writes (``how``
+    names it in the log); every rank calls it."""
+    current = Topology.of(run, "deepspeed")
+    with staged_copy(run, root, tag, f"{describe(saved)} -> {describe(current)}", convert) as output:
         fresh = None if load_optimizer else snapshot_optimizer_state(engine)
         config = engine._config  # DeepSpeed reads this flag only when loading: set it for this load alone
         config.load_universal_checkpoint = True
         try:
             # Always through the optimizer path: ZeRO 3's module-only universal load looks for ZeRO 3
             # optimizer files; without --load-optim the fresh optimizer is put back below.
-            loaded = engine.load_checkpoint(scratch[0], tag=tag, load_optimizer_states=True,
+            loaded = engine.load_checkpoint(os.path.dirname(output), tag=tag, load_optimizer_states=True,
                                             load_lr_scheduler_states=load_optimizer)
         finally:
             config.load_universal_checkpoint = False
@@ -257,13 +165,6 @@ def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimi
             repair_optimizer_state(engine, output)
         elif loaded[0] is not None:
             restore_optimizer_state(engine, fresh)
-        if dist.get_rank() == 0 and loaded[0] is not None:
-            what = ("weights, fp32 master weights, Adam moments and step, learning-rate schedule" if load_optimizer
-                    else "weights only (--no-load-optim/--finetune)")
-            print(f" resharded checkpoint {os.path.join(root, tag)}: {saved.describe()} -> "
-                  f"{run_topology(run).describe()}, through DeepSpeed's universal checkpoint ({what})", flush=True)
+        if loaded[0] is not None:
+            announce(os.path.join(root, tag), saved, current, load_optimizer, how)
         return loaded
-    finally:
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(scratch[0], ignore_errors=True)

@@ -20,12 +20,37 @@ from megatron.backends.base import (
     build_optimizer,
     maybe_compile,
 )
-from megatron.checkpoint.layout import megatron_checkpoint_name, read_megatron_file, save_torch_file
+from megatron.checkpoint.convert import optimizer_param_names
+from megatron.checkpoint.layout import (
+    Topology,
+    megatron_checkpoint_name,
+    read_megatron_file,
+    save_torch_file,
+)
+from megatron.checkpoint.reshard import (
+    NATIVE,
+    announce,
+    describe,
+    plan_resume,
+    saved_topology,
+    staged_copy,
+    universal_copy_converter,
+)
+from megatron.checkpoint.universal import (
+    MOMENTS,
+    read_client_state,
+    read_optimizer_state,
+    read_slice,
+    read_step,
+)
 from megatron.config import RunConfig
 from megatron.errors import ConfigError
 from megatron.fp16 import FP16_Module, FP16_Optimizer, step_unless_found_inf, supports_found_inf
 from megatron.model.distributed import DistributedDataParallel
 from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+
+# What a universal copy's parameter groups give the optimizer (the learning rate comes from the schedule).
+ADAM_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 def tensor_lr_dtype(device: torch.device) -> torch.dtype | None:
@@ -171,6 +196,15 @@ class MegatronBackend:
         save_torch_file(state, megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank()))
 
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
+        directory = os.path.join(root, tag)
+        current = Topology.of(self.run, self.name)
+        saved = saved_topology(directory, current)
+        if plan_resume(saved, current, directory) != NATIVE:
+            convert = universal_copy_converter(directory, self.run, current, load_optimizer, validate)
+            with staged_copy(self.run, root, tag, f"{describe(saved)} -> {describe(current)}", convert) as copy:
+                state = self._load_universal(copy, load_optimizer)
+            announce(directory, saved, current, load_optimizer, "a universal copy (one folder per parameter)")
+            return state
         path = megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank())
         if not os.path.isfile(path) and os.path.isfile(os.path.join(root, tag, "mp_rank_00_model_states.pt")):
             raise ConfigError(f"{os.path.join(root, tag)} is a DeepSpeed checkpoint: add --deepspeed to load it, "
@@ -186,3 +220,39 @@ class MegatronBackend:
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         return state
+
+    def _load_universal(self, copy: str, load_optimizer: bool) -> dict[str, Any]:
+        """This rank's slices of a universal copy (``megatron.checkpoint.universal``): weights, and
+        with ``load_optimizer`` the fp32 masters, Adam moments and step, and the schedule."""
+        state = read_client_state(copy, mpu.get_model_parallel_rank())
+        params = dict(self.unwrapped_model.named_parameters())
+        weights = {name: read_slice(copy, name, "fp32", param.shape) for name, param in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+        saved = read_optimizer_state(copy)
+        if load_optimizer and saved["has_optimizer_state"]:  # none: an iteration-0 (from-hf) checkpoint
+            self.optimizer.load_state_dict(self._universal_optimizer_state(copy, saved, list(params), weights))
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        return state
+
+    def _universal_optimizer_state(self, copy: str, saved: dict[str, Any], names: list[str],
+                                   weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """This run's optimizer ``state_dict`` filled from a universal copy: Adam state by the
+        optimizer's parameter order, the saved hyper-parameters, fp32 masters for fp16/bf16 (the
+        loss scale of a Megatron fp16 checkpoint, else this run's)."""
+        full = self.optimizer.state_dict()
+        inner = full["optimizer_state_dict"] if self.half else full
+        order = optimizer_param_names(names)
+        for index, name in enumerate(order):
+            shape = weights[name].shape
+            inner["state"][index] = {"step": read_step(copy, name),
+                                     **{key: read_slice(copy, name, key, shape) for key in MOMENTS}}
+        for group, values in zip(inner["param_groups"], saved["param_groups"], strict=True):
+            group.update({key: values[key] for key in ADAM_HYPERPARAMETERS if key in values})
+        if self.half:
+            full["fp32_from_fp16"] = [weights[name] for name in order]
+            scaler = saved.get("loss_scaler_state")
+            if scaler and scaler.get("dynamic_loss_scale") == full["dynamic_loss_scale"]:
+                full.update(scaler)
+        return full

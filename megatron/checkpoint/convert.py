@@ -42,6 +42,7 @@ from megatron.checkpoint.layout import (
     write_text_atomic,
 )
 from megatron.checkpoint.verify import choose_checkpoint, describe, verify_checkpoint
+from megatron.checkpoint.zero_state import MOMENTS, ZeroState, read_zero_state
 from megatron.errors import ConfigError, TrainingAborted
 
 StateDict = dict[str, torch.Tensor]
@@ -195,14 +196,24 @@ def _source_mp_size(directory: str, kind: str) -> int:
 def read_checkpoint(load: str, iteration: int | None = None, with_optimizer: bool = True) -> Checkpoint:
     """Read the checkpoint under ``load`` (see ``find_iteration``) and merge its shards."""
     iteration = find_iteration(load, iteration)
-    directory = os.path.join(load, checkpoint_tag(iteration))
+    return read_checkpoint_directory(os.path.join(load, checkpoint_tag(iteration)), with_optimizer)
+
+
+def read_checkpoint_directory(directory: str, with_optimizer: bool = True,
+                              deepspeed_optimizer: bool = False) -> Checkpoint:
+    """Read one checkpoint directory (already verified) and merge its shards. ``with_optimizer``:
+    a Megatron checkpoint's optimizer state; ``deepspeed_optimizer``: a DeepSpeed one's too (its
+    ZeRO partitions re-assembled; see ``megatron.checkpoint.zero_state``)."""
     kind = checkpoint_kind(directory)
     if kind == "deepspeed-pipeline":
-        return _read_pipeline_checkpoint(directory)
+        checkpoint = _read_pipeline_checkpoint(directory)
+        if deepspeed_optimizer:
+            checkpoint.optimizer = _pipeline_optimizer(directory, checkpoint.model_config)
+        return checkpoint
     mp_size = _source_mp_size(directory, kind)
     if kind == "megatron":
-        shards = [read_megatron_file(megatron_checkpoint_name(load, checkpoint_tag(iteration), rank))
-                  for rank in range(mp_size)]
+        root, tag = os.path.split(os.path.normpath(directory))
+        shards = [read_megatron_file(megatron_checkpoint_name(root, tag, rank)) for rank in range(mp_size)]
         checkpoint = _from_shards(shards, [s["model"] for s in shards], kind)
         if with_optimizer and all("optimizer" in s for s in shards):
             checkpoint.optimizer = merge_optimizer([s["optimizer"] for s in shards], [s["model"] for s in shards])
@@ -211,9 +222,71 @@ def read_checkpoint(load: str, iteration: int | None = None, with_optimizer: boo
     stage = int(shards[0].get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     models = [_deepspeed_module(directory, rank, shard, stage) for rank, shard in enumerate(shards)]
     checkpoint = _from_shards(shards, models, kind)
-    checkpoint.notes.append(f"DeepSpeed ZeRO stage {stage} checkpoint: optimizer state not converted "
-                            "(it lives in DeepSpeed's flat ZeRO partitions)")
+    if deepspeed_optimizer:
+        checkpoint.optimizer = _deepspeed_optimizer(directory, shards, stage, models)
+    else:
+        checkpoint.notes.append(f"DeepSpeed ZeRO stage {stage} checkpoint: optimizer state not converted "
+                                "(it lives in DeepSpeed's flat ZeRO partitions)")
     return checkpoint
+
+
+def _deepspeed_optimizer(directory: str, shards: list[dict[str, Any]], stage: int,
+                         models: list[StateDict]) -> dict[str, Any]:
+    """Serial optimizer state of a DeepSpeed checkpoint without pipelining (``merge_optimizer``'s format)."""
+    if stage == 0:
+        try:
+            return merge_optimizer([s["optimizer"] for s in shards], models)
+        except (KeyError, TypeError, AttributeError):
+            raise ConfigError(f"{directory}: the optimizer of this ZeRO stage 0 checkpoint is DeepSpeed's own "
+                              "(bf16/fp16) and cannot be resharded: resume at its saved topology") from None
+    states = [[read_zero_state(directory, rank, shard["param_shapes"])] for rank, shard in enumerate(shards)]
+    return _serial_zero_optimizer(states, lambda name: name)
+
+
+def _pipeline_optimizer(directory: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Serial optimizer state of a DeepSpeed pipeline checkpoint: file index stage x tensor
+    rank, module names as ``PipelineModule`` gives them (renamed to the serial ones)."""
+    mp_size, pipe_size = int(config.get("model_parallel_size", 1)), int(config.get("pipe_parallel_size", 1))
+    num_layers = int(config.get("num_layers", 0))
+    states: list[list[ZeroState]] = [[] for _ in range(mp_size)]
+    for stage in range(pipe_size):
+        for tp_rank in range(mp_size):
+            index = stage * mp_size + tp_rank
+            shapes = _read_deepspeed_file(directory, index)["param_shapes"]
+            states[tp_rank].append(read_zero_state(directory, index, shapes))
+    return _serial_zero_optimizer(states, lambda name: pipeline_module_name(name, num_layers))
+
+
+def pipeline_module_name(name: str, num_layers: int) -> str | None:
+    """Our serial name of ``PipelineModule`` parameter ``name`` (``tied_modules.embed.X`` or
+    ``<block>.X``); None for one without a serial twin."""
+    if name.startswith("tied_modules.embed."):
+        return name[len("tied_modules.embed."):]
+    block, _, rest = name.partition(".")
+    return pipeline_layer_name(int(block), num_layers, rest) if block.isdigit() else None
+
+
+def _serial_zero_optimizer(states: list[list[ZeroState]], serial_name: Any) -> dict[str, Any]:
+    """``states[tp_rank]``: that tensor rank's ZeRO states (one per pipeline stage) -> the serial
+    masters and Adam state; a parameter two stages share (the tied embedding) is taken once."""
+    per_rank: list[dict[str, tuple[ZeroState, str]]] = []
+    for rank_states in states:
+        found: dict[str, tuple[ZeroState, str]] = {}
+        for state in rank_states:
+            for name in state.fp32:
+                serial = serial_name(name)
+                if serial is not None and serial not in found:
+                    found[serial] = (state, name)
+        per_rank.append(found)
+    masters, param_state = {}, {}
+    for serial in per_rank[0]:
+        shards = [found[serial] for found in per_rank]
+        masters[serial] = merge_tensor(serial, [state.fp32[name] for state, name in shards])
+        param_state[serial] = {key: merge_tensor(serial, [state.moments[name][key] for state, name in shards])
+                               for key in MOMENTS}
+        param_state[serial]["step"] = shards[0][0].step
+    return {"param_state": param_state, "masters": masters, "param_groups": states[0][0].param_groups,
+            "wrapper": None}
 
 
 def _from_shards(shards: list[dict[str, Any]], models: list[StateDict], kind: str) -> Checkpoint:
@@ -225,7 +298,7 @@ def _from_shards(shards: list[dict[str, Any]], models: list[StateDict], kind: st
     scheduler = shards[0].get("lr_scheduler")
     return Checkpoint(model=model, model_config=config, iteration=int(shards[0].get("iteration", 0)),
                       consumed_samples=int(shards[0].get("consumed_samples", 0)), kind=kind,
-                      lr_scheduler=scheduler if kind == "megatron" else None,
+                      lr_scheduler=scheduler,
                       rng_states=[s["rng_states"] for s in shards if "rng_states" in s] or None)
 
 

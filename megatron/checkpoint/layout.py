@@ -74,7 +74,7 @@ def write_text_atomic(path: str, text: str) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
-def save_torch_file(state: dict[str, Any], path: str) -> None:
+def save_torch_file(state: Any, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as handle:
         torch.save(state, handle)
@@ -336,11 +336,3 @@ def check_tokenizer(saved: dict[str, Any], given: dict[str, Any], where: str, ov
         raise ConfigError(f"checkpoint {where} was trained with another tokenizer ({'; '.join(diffs)}): "
                           "pass the --vocab-file/--merge-file it was trained with (or --override-tokenizer-check "
                           "for a deliberate vocabulary change)")
-
-
-def saved_model_parallel_size(directory: str) -> int:
-    """How many model-parallel ranks wrote ``directory`` (Megatron or DeepSpeed files)."""
-    names = os.listdir(directory)
-    megatron = [n for n in names if n.startswith("mp_rank_") and os.path.isdir(os.path.join(directory, n))]
-    deepspeed = [n for n in names if n.startswith("mp_rank_") and n.endswith("_model_states.pt")]
-    return len(megatron) or len(deepspeed)

@@ -36,8 +36,6 @@ from megatron.checkpoint.layout import (
     fsync_path,
     fsync_tree,
     manifest_text,
-    read_manifest,
-    saved_model_parallel_size,
     write_failure,
     write_text_atomic,
 )
@@ -261,29 +259,6 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
     return final_dir
 
 
-def check_model_parallel_size(directory: str, run: RunConfig) -> None:
-    """The checkpoint's tensor- and pipeline-parallel sizes are this run's (a ConfigError naming
-    both otherwise): from its manifest's topology, else from its file names."""
-    manifest = read_manifest(directory)
-    topology = manifest.topology if manifest is not None else None
-    if topology is not None:
-        saved_sizes = (topology.model_parallel_size, topology.pipe_parallel_size)
-        sizes = (run.parallel.model_parallel_size, run.parallel.pipe_parallel_size)
-        if saved_sizes != sizes:
-            raise ConfigError(f"checkpoint {directory} was saved at model parallel {saved_sizes[0]}, pipeline "
-                              f"{saved_sizes[1]}; this run is model parallel {sizes[0]}, pipeline {sizes[1]}: launch "
-                              "with the saved --model-parallel-size and --pipe-parallel-size, or convert it with "
-                              "tools/convert_checkpoint.py reshard")
-        return
-    saved = saved_model_parallel_size(directory)
-    if run.parallel.pipe_parallel_size > 1:
-        return  # DeepSpeed numbers pipeline x tensor ranks together; model_config is checked instead
-    if saved and saved != run.parallel.model_parallel_size:
-        raise ConfigError(f"checkpoint {directory} was saved with model_parallel_size {saved}, this run uses "
-                          f"--model-parallel-size {run.parallel.model_parallel_size}; reshard it with "
-                          "tools/convert_checkpoint.py reshard, or launch with the saved size")
-
-
 def check_load_directory(load: str) -> None:
     """``--load`` names a run's directory (holding ``iter_*``), not one checkpoint or a file."""
     if os.path.isfile(load):
@@ -323,7 +298,6 @@ def load_checkpoint(run: RunConfig, backend: Backend) -> tuple[int, int, dict[st
         return 0, 0, None
     load, tag = run.checkpoint.load, checkpoint_tag(iteration)
     directory = os.path.join(load, tag)
-    check_model_parallel_size(directory, run)
     expected = run_model_config(run)
     override = run.checkpoint.override_tokenizer_check
     state = backend.load_state(

@@ -36,17 +36,28 @@ class DataIterators:
     do_test: bool
 
 
-# data_provider(run, consumed_samples) -> DataIterators; every rank calls it.
-DataProvider = Callable[[RunConfig, int], DataIterators]
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a (resumed) run starts: its iteration and the training samples consumed before it."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
 
 
-def requested_samples(run: RunConfig) -> tuple[int, int, int]:
-    """Samples the train, validation and test splits must provide for this run."""
+# data_provider(run, position) -> DataIterators; every rank calls it.
+DataProvider = Callable[[RunConfig, DataPosition], DataIterators]
+
+
+def requested_samples(run: RunConfig, position: DataPosition = DataPosition()) -> tuple[int, int, int]:
+    """Samples the train, validation and test splits must provide for this run: the train split
+    ``train_iters`` global batches, or more when a resumed run consumed more samples than this
+    run's global batch would have (the global batch changed on resume)."""
     training = run.training
     eval_batch = training.eval_batch_size * run.parallel.data_parallel_size
     evaluations = training.train_iters // training.eval_interval + 1
-    return (training.train_iters * run.global_batch_size, evaluations * training.eval_iters * eval_batch,
-            training.eval_iters * eval_batch)
+    remaining = max(training.train_iters - position.iteration, 0) * run.global_batch_size
+    train = max(training.train_iters * run.global_batch_size, position.consumed_samples + remaining)
+    return train, evaluations * training.eval_iters * eval_batch, training.eval_iters * eval_batch
 
 
 def _cycle(loader: Any) -> Iterator:
@@ -54,16 +65,16 @@ def _cycle(loader: Any) -> Iterator:
         yield from loader
 
 
-def _build_iterators(run: RunConfig, consumed_samples: int, build_datasets: DatasetsBuilder,
+def _build_iterators(run: RunConfig, position: DataPosition, build_datasets: DatasetsBuilder,
                      build_loader: LoaderBuilder) -> list[Iterator | None]:
     """This rank's train/valid/test iterators (model-parallel rank 0 only); DataError if the
     datasets include no training samples."""
     training = run.training
-    datasets = build_datasets(run, requested_samples(run))
+    datasets = build_datasets(run, requested_samples(run, position))
     if datasets[0] is None or len(datasets[0]) == 0:
         raise DataError("the training data gives no training samples; check --train-data/--data-path "
                         "and that --split gives the train split documents")
-    consumed = (consumed_samples, 0, 0)
+    consumed = (position.consumed_samples, 0, 0)
     micro = (training.micro_batch_size, training.eval_batch_size, training.eval_batch_size)
     iterators: list[Iterator | None] = [None, None, None]
     for i, dataset in enumerate(datasets):
@@ -99,7 +110,7 @@ def _raise_agreed_failure(own_error: Exception | None, reports: list[_BuildRepor
                                   f"{report.message[:300]}); its traceback has the cause")
 
 
-def build_data_iterators(run: RunConfig, consumed_samples: int, build_datasets: DatasetsBuilder,
+def build_data_iterators(run: RunConfig, position: DataPosition, build_datasets: DatasetsBuilder,
                          build_loader: LoaderBuilder) -> DataIterators:
     """Iterators on model-parallel rank 0 of each group (None elsewhere: the batches are
     broadcast); whether validation and test run is agreed on every rank.
@@ -115,7 +126,7 @@ def build_data_iterators(run: RunConfig, consumed_samples: int, build_datasets: 
     failure: Exception | None = None
     if mpu.get_model_parallel_rank() == 0:
         try:
-            iterators = _build_iterators(run, consumed_samples, build_datasets, build_loader)
+            iterators = _build_iterators(run, position, build_datasets, build_loader)
         except Exception as error:  # noqa: BLE001 - re-raised below, after telling the other ranks
             failure = error
     report = _BuildReport(None if failure is None else type(failure).__name__, "" if failure is None else str(failure),

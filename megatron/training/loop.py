@@ -22,10 +22,10 @@ from megatron.backends.base import average_over_data_parallel
 from megatron.checkpoint.protocol import load_checkpoint, open_save_directory, save_checkpoint
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import RunConfig
-from megatron.errors import ConfigError, TrainingAborted
+from megatron.errors import TrainingAborted
 from megatron.launch import initialize_megatron
 from megatron.model.gpt2_pipe import PipelineDescription
-from megatron.training.data import DataIterators, DataProvider
+from megatron.training.data import DataIterators, DataPosition, DataProvider
 from megatron.training.exit import ExitConditions
 from megatron.training.flops import device_peak_tflops, model_flops_per_token, utilization
 from megatron.training.log import (
@@ -225,19 +225,21 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
     return state
 
 
-def check_same_global_batch(state: TrainState, run: RunConfig) -> None:
-    """A resumed run keeps the checkpoint's global batch: the data set is sized for this run's
-    batch, so another one would run out of samples mid-run (changing it is not supported yet)."""
+def global_batch_note(state: TrainState, run: RunConfig) -> str | None:
+    """The start-up note when a resumed run's global batch differs from the checkpoint's (allowed:
+    the data continues at the consumed-sample count, the schedule by iteration)."""
     # A checkpoint without the count (0 at iteration > 0: written before it was kept) is not checked.
-    if state.iteration and state.consumed_samples and state.consumed_samples != state.iteration * run.global_batch_size:
-        saved = state.consumed_samples / state.iteration
-        training = run.training
-        accumulation = training.gradient_accumulation_steps
-        shape = f"--batch-size {training.micro_batch_size} x data parallel {run.parallel.data_parallel_size}" + \
-            (f" x accumulation {accumulation}" if accumulation > 1 else "")
-        raise ConfigError(f"the checkpoint consumed {state.consumed_samples} samples in {state.iteration} iterations "
-                          f"(global batch {saved:g}); this run's global batch is {run.global_batch_size} ({shape}): "
-                          "resume with the same global batch (changing it on resume is not supported yet)")
+    if not (state.iteration and state.consumed_samples) or \
+            state.consumed_samples == state.iteration * run.global_batch_size:
+        return None
+    training = run.training
+    accumulation = training.gradient_accumulation_steps
+    shape = f"--batch-size {training.micro_batch_size} x data parallel {run.parallel.data_parallel_size}" + \
+        (f" x accumulation {accumulation}" if accumulation > 1 else "")
+    return (f" note: the checkpoint consumed {state.consumed_samples} samples in {state.iteration} iterations "
+            f"(global batch {state.consumed_samples / state.iteration:g}); this run's global batch is "
+            f"{run.global_batch_size} ({shape}): the data continues at sample {state.consumed_samples}, the "
+            "learning-rate schedule at iteration " + f"{state.iteration}")
 
 
 def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
@@ -245,7 +247,7 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
     """Start-up, training, checkpoints and evaluation; every rank calls it.
 
     ``model_provider(run)`` builds the model (a ``PipelineDescription`` when pipelined, whose
-    micro batches ``pipeline_batch`` makes); ``data_provider(run, consumed_samples)`` returns the
+    micro batches ``pipeline_batch`` makes); ``data_provider(run, position)`` returns the
     data iterators; ``forward_step(data_iterator, model, run)`` the loss of one micro batch.
     """
     initialize_megatron(run.parallel, run.training.seed)
@@ -265,12 +267,14 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
     state, rng_states = TrainState(), None
     if run.checkpoint.load:
         state.iteration, state.consumed_samples, rng_states = load_checkpoint(run, backend)
-        check_same_global_batch(state, run)
+        note = global_batch_note(state, run)
+        if note:
+            print_rank_0(note)
     parallel = run.parallel
     print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
                  f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "
                  f"backend {backend.name}")
-    data = data_provider(run, state.consumed_samples)
+    data = data_provider(run, DataPosition(state.iteration, state.consumed_samples))
     if rng_states is not None:
         # Start-up (data loaders, DeepSpeed's pipeline engine) may draw from the generators:
         # restore the saved streams last, so the next step draws what it drew in the saved run.

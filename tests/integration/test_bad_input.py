@@ -97,7 +97,7 @@ CASES = {
     "checkpoint of another shape": (lambda w: ["--load", str(w["ckpt"]), "--save", str(w["ckpt"]),
                                                "--hidden-size", "32"], "hidden_size: checkpoint 64 vs run 32", 1),
     "checkpoint of another model-parallel size": (lambda w: ["--load", str(w["ckpt"]), "--model-parallel-size", "2"],
-                                                  "was saved at model parallel 1, pipeline 1; this run is model parallel 2", 2),
+                                                  "stages a converted copy under --save: pass --save", 2),
     "unwritable save": (lambda w: ["--save", str(w["root"] / "not_a_dir" / "ckpt")], "is not writable", 1),
     "zero iterations": (lambda w: ["--train-iters", "0"], "--train-iters must be positive, got 0", 1),
     "negative batch": (lambda w: ["--batch-size", "-2"], "--batch-size must be positive, got -2", 1),
