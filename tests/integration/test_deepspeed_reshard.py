@@ -49,9 +49,9 @@ def _close(expected: dict[int, float], got: dict[int, float]) -> bool:
     return all(abs(got[i] - expected[i]) <= TOLERANCE * abs(expected[i]) for i in range(5, 9))
 
 
-# (stage, ranks, micro batch) before -> after; the global batch (ranks x micro batch) stays 4.
+# (stage, ranks, micro batch, flags) before -> after; the global batch stays 4.
 TRANSITIONS = {
-    "zero1 dp2 -> zero1 dp1": ((1, 2, 2), (1, 1, 4)),
+    "zero1 dp2 -> zero1 dp1 (accumulation 2)": ((1, 2, 2), (1, 1, 2, "--gradient-accumulation-steps", "2")),
     "zero2 dp2 -> zero3 dp2": ((2, 2, 2), (3, 2, 2)),
     "zero3 dp2 -> zero1 dp1": ((3, 2, 2), (1, 1, 4)),
     "zero1 dp1 -> zero2 dp2": ((1, 1, 4), (2, 2, 2)),

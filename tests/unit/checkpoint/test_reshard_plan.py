@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from megatron.checkpoint.layout import FileDigest, Topology, manifest_text
-from megatron.checkpoint.reshard import DEEPSPEED_UNIVERSAL, NATIVE, UNIVERSAL_COPY, plan_resume, saved_topology
+from megatron.checkpoint.reshard import (
+    DEEPSPEED_UNIVERSAL,
+    NATIVE,
+    UNIVERSAL_COPY,
+    plan_resume,
+    saved_topology,
+)
 from megatron.errors import ConfigError
 
 
