@@ -230,7 +230,7 @@ class DeepSpeedEngineBackend:
             path, state = load()
         except (ConfigError, TrainingAborted):
             raise
-        except (RuntimeError, OSError, KeyError, EOFError, ZeRORuntimeException) as error:
+        except (RuntimeError, OSError, KeyError, EOFError, AssertionError, ZeRORuntimeException) as error:
             raise ConfigError(f"DeepSpeed checkpoint {directory} cannot be loaded ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is corrupt or from another model/ZeRO setup") from None
         if path is None:

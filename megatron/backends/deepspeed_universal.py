@@ -149,7 +149,7 @@ def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimi
                    convert: Callable[[str], None], how: str) -> tuple[str | None, dict[str, Any]]:
     """Load ``root/tag`` into ``engine`` through the universal copy ``convert`` writes (``how``
     names it in the log); every rank calls it."""
-    current = Topology.of(run, "deepspeed")
+    current = Topology.of(run, run.backend_name)
     with staged_copy(run, root, tag, f"{describe(saved)} -> {describe(current)}", convert) as output:
         fresh = None if load_optimizer else snapshot_optimizer_state(engine)
         config = engine._config  # DeepSpeed reads this flag only when loading: set it for this load alone

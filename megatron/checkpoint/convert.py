@@ -266,6 +266,16 @@ def pipeline_module_name(name: str, num_layers: int) -> str | None:
     return pipeline_layer_name(int(block), num_layers, rest) if block.isdigit() else None
 
 
+def pipeline_module_names(serial_name: str, num_layers: int) -> str:
+    """Inverse of ``pipeline_module_name``: the ``PipelineModule`` name of serial ``serial_name``."""
+    if serial_name.startswith("transformer.layers."):
+        layer, _, rest = serial_name[len("transformer.layers."):].partition(".")
+        return f"{int(layer) + 1}.{rest}"
+    if serial_name.startswith("transformer.final_layernorm."):
+        return f"{num_layers + 1}.{serial_name[len('transformer.final_layernorm.'):]}"
+    return f"tied_modules.embed.{serial_name}"
+
+
 def _serial_zero_optimizer(states: list[list[ZeroState]], serial_name: Any) -> dict[str, Any]:
     """``states[tp_rank]``: that tensor rank's ZeRO states (one per pipeline stage) -> the serial
     masters and Adam state; a parameter two stages share (the tied embedding) is taken once."""

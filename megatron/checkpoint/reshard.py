@@ -91,11 +91,7 @@ def plan_resume(saved: Topology | None, current: Topology, directory: str) -> st
                      current.pipe_parallel_size) == (1, 1, 1, 1)
     if deepspeed_both and unpartitioned and 0 not in (saved.zero_stage, current.zero_stage):
         return DEEPSPEED_UNIVERSAL
-    if current.path == "deepspeed-pipeline":
-        raise unsupported(saved, current, directory, "a pipeline resumes only a checkpoint of its own pipeline and "
-                          "model-parallel sizes and ZeRO partitions: launch this run unpipelined (it resumes any "
-                          "topology) or at the saved sizes")
-    if current.path == "deepspeed" and current.zero_stage == 0:
+    if current.path != "megatron" and current.zero_stage == 0:
         raise unsupported(saved, current, directory, "a DeepSpeed ZeRO stage 0 run does not load universal "
                           "checkpoints: launch at ZeRO stage 1, 2 or 3, or on the Megatron path (without "
                           "--deepspeed)")

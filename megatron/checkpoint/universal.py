@@ -32,6 +32,7 @@ from megatron import mpu
 from megatron.checkpoint.convert import (
     Checkpoint,
     partition_spec,
+    pipeline_module_names,
     repad_vocab,
     resharded_rng_states,
 )
@@ -113,6 +114,7 @@ def client_states(checkpoint: Checkpoint, target: Topology, target_config: dict[
     keys a DeepSpeed engine reads from a model-states file."""
     rng = resharded_rng_states(checkpoint.rng_states, target.model_parallel_size, seed) \
         if checkpoint.rng_states else None
+    files = target.model_parallel_size * (target.pipe_parallel_size if target.path == "deepspeed-pipeline" else 1)
     config = {**checkpoint.model_config, **{key: target_config[key] for key in (
         "model_parallel_size", "pipe_parallel_size", "padded_vocab_size") if key in target_config}}
     states = []
@@ -123,7 +125,7 @@ def client_states(checkpoint: Checkpoint, target: Topology, target_config: dict[
             "lr_scheduler": checkpoint.lr_scheduler, "module": None, "optimizer": None,
             "global_steps": checkpoint.iteration, "global_samples": checkpoint.consumed_samples,
             "skipped_steps": 0, "dp_world_size": target.data_parallel_size,
-            "mp_world_size": target.model_parallel_size, "buffer_names": [], "param_shapes": None,
+            "mp_world_size": files, "buffer_names": [], "param_shapes": None,
             "ds_config": {}, "resharded_from": dict(checkpoint.model_config)}
         if rng is not None:
             state["rng_states"] = rng[rank]
@@ -133,12 +135,23 @@ def client_states(checkpoint: Checkpoint, target: Topology, target_config: dict[
 
 def write_universal(checkpoint: Checkpoint, output: str, target: Topology, target_config: dict[str, Any],
                     seed: int) -> None:
-    """The universal copy of ``checkpoint`` for ``target`` under ``output`` (a new directory)."""
+    """The universal copy of ``checkpoint`` for ``target`` under ``output`` (a new directory).
+
+    For a pipeline target every parameter folder is also reachable by the name DeepSpeed's
+    ``PipelineModule`` gives it (a link), and there is a model-states file per stage x tensor rank."""
     write_parameters(checkpoint, output)
-    for rank, state in enumerate(client_states(checkpoint, target, target_config, seed)):
-        save_torch_file(state, os.path.join(output, f"mp_rank_{rank:02d}_model_states.pt"))
-        if target.zero_stage == 3:  # DeepSpeed's ZeRO 3 engines read this name
-            save_torch_file(state, os.path.join(output, f"zero_pp_rank_0_mp_rank_{rank:02d}_model_states.pt"))
+    states = client_states(checkpoint, target, target_config, seed)
+    pipelined = target.path == "deepspeed-pipeline"
+    for stage in range(target.pipe_parallel_size if pipelined else 1):
+        for rank, state in enumerate(states):
+            index = stage * target.model_parallel_size + rank
+            save_torch_file(state, os.path.join(output, f"mp_rank_{index:02d}_model_states.pt"))
+            if target.zero_stage == 3:  # DeepSpeed's ZeRO 3 engines read this name
+                save_torch_file(state, os.path.join(output, f"zero_pp_rank_0_mp_rank_{index:02d}_model_states.pt"))
+    if pipelined:
+        num_layers = int(checkpoint.model_config["num_layers"])
+        for name in checkpoint.model:
+            os.symlink(name, os.path.join(output, "zero", pipeline_module_names(name, num_layers)))
 
 
 def _read(path: str) -> Any:

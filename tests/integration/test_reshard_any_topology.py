@@ -78,6 +78,7 @@ TRANSITIONS = [
     # query/key/value as three sub-parameters), and the Megatron path's bf16 masters.
     ("megatron mp1", "zero1 mp2"),
     ("megatron bf16 mp2", "megatron bf16 mp1"),
+    ("megatron mp2", "pp2"),  # into DeepSpeed's pipeline engine
 ]
 
 
