@@ -200,7 +200,8 @@ class DeepSpeedEngineBackend:
         plan = plan_resume(saved, current, directory)
         if plan != NATIVE:
             if plan == DEEPSPEED_UNIVERSAL:
-                convert, how = deepspeed_converter(directory, current.zero_stage), "DeepSpeed's universal checkpoint"
+                convert = deepspeed_converter(directory, current.zero_stage, validate)
+                how = "DeepSpeed's universal checkpoint"
             else:
                 convert = universal_copy_converter(directory, self.run, current, load_optimizer, validate)
                 how = "a universal copy (one folder per parameter)"

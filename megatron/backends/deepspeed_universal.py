@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from megatron.checkpoint.layout import Topology
-from megatron.checkpoint.reshard import announce, describe, staged_copy
+from megatron.checkpoint.reshard import StateCheck, announce, describe, staged_copy
 from megatron.config import RunConfig
 from megatron.errors import ConfigError
 
@@ -134,10 +134,15 @@ def restore_optimizer_state(engine: Any, snapshot: OptimizerSnapshot) -> None:
         group.update(values)
 
 
-def deepspeed_converter(source: str, target_stage: int) -> Callable[[str], None]:
-    """``convert(output)``: DeepSpeed's ``ds_to_universal`` of ``source``, named for the target."""
+def deepspeed_converter(source: str, target_stage: int, validate: StateCheck) -> Callable[[str], None]:
+    """``convert(output)``: DeepSpeed's ``ds_to_universal`` of ``source``, named for the target,
+    after ``validate`` accepted the checkpoint's model description (a changed shape is named, not
+    left to DeepSpeed's loader)."""
 
     def convert(output: str) -> None:
+        states = sorted(glob.glob(os.path.join(source, "*mp_rank_00_model_states.pt")))
+        if states:
+            validate(torch.load(states[0], map_location="cpu", weights_only=False))  # DeepSpeed's file: our run's
         convert_to_universal(source, output)
         match_model_states(output, target_stage)
         match_optimizer_state(output, target_stage)

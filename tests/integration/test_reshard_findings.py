@@ -125,3 +125,21 @@ def test_full_disk_during_conversion_is_a_fault(zero1_dp1: Path, demo_corpus: Pa
         assert tree_digest(zero1_dp1) == before
     finally:
         subprocess.run(["umount", str(full)], check=False)
+
+
+@pytest.mark.parametrize("route", ["deepspeed universal", "universal copy"])
+def test_a_changed_model_shape_is_named_before_any_conversion(route: str, zero1_dp1: Path, demo_corpus: Path,
+                                                               tmp_path: Path) -> None:
+    """Another hidden size at another topology: one line naming both shapes, from the checkpoint's
+    description (not DeepSpeed's loader failing on a tensor), and nothing written."""
+    out = tmp_path / "out"
+    if route == "deepspeed universal":  # two ranks under torchrun: each rank's one line, torchrun's exit 1
+        result = _train(out, 1, 2, 2, 6, "--load", str(zero1_dp1), "--hidden-size", "32", check=False)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert result.returncode != 0 and errors and all("hidden_size: checkpoint 64 vs run 32" in line
+                                                         for line in errors), result.stderr[-2000:]
+    else:
+        result = run_script("pretrain_gpt2.py", [*TINY_GPT2, "--train-iters", "6", "--save", str(out), "--load",
+                                                 str(zero1_dp1), "--hidden-size", "32"], None, check=False)
+        assert_one_line_error(result, "hidden_size: checkpoint 64 vs run 32")
+    assert not list(out.glob(".reshard-*")) and not list(out.glob("iter_*"))
