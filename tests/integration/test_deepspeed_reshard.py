@@ -74,7 +74,7 @@ def test_bf16_zero2_offload_to_bf16_zero1(demo_corpus: Path, tmp_path: Path) -> 
     expected, _ = _train(tmp_path / "straight", 2, 2, 2, offload=True, bf16=True)
     got, stdout = _train(_resumed_from_4(tmp_path, tmp_path / "straight"), 1, 1, 4, bf16=True)
     assert _close(expected, got), (expected, got)
-    assert "ZeRO stage 2, data parallel 2" in stdout and "-> ZeRO stage 1, data parallel 1" in stdout
+    assert "ZeRO stage 2, data parallel 2" in stdout and "-> DeepSpeed, ZeRO stage 1, data parallel 1" in stdout
 
 
 def test_the_check_fails_without_the_optimizer_state(demo_corpus: Path, tmp_path: Path) -> None:
