@@ -86,6 +86,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--batch-size", type=int, default=4, help="micro batch size per data-parallel rank")
     group.add_argument("--gradient-accumulation-steps", type=int, default=None,
                        help="micro batches per optimizer step (default 1, or from the DeepSpeed config)")
+    group.add_argument("--global-batch-size", type=int, default=None,
+                       help="samples per optimizer step over all data-parallel ranks; the gradient accumulation "
+                            "steps are derived (global / (--batch-size x data-parallel size)), so a run keeps "
+                            "its global batch when it resumes on another number of ranks")
     group.add_argument("--train-iters", type=int, default=1000, help="total optimizer steps to train for")
     group.add_argument("--checkpoint-activations", action="store_true", help="recompute activations in backward")
     group.add_argument("--checkpoint-num-layers", type=int, default=1, help="layers per checkpointed chunk")
@@ -219,7 +223,7 @@ def validate_model_args(args: argparse.Namespace) -> None:
 
 def validate_training_args(args: argparse.Namespace) -> None:
     _require_positive(args, ["batch_size", "train_iters", "lr", "log_interval", "eval_interval",
-                             "save_interval", "checkpoint_num_layers", "gradient_accumulation_steps",
+                             "save_interval", "checkpoint_num_layers", "gradient_accumulation_steps", "global_batch_size",
                              "distributed_timeout_minutes", "lr_decay_iters", "eval_batch_size",
                              "keep_last_n", "exit_interval", "exit_duration_in_mins", "max_skipped_steps"])
     if args.eval_iters < 0:
@@ -445,11 +449,12 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
 
     Without ``--deepspeed``: accumulation is the flag (default 1), precision the flags'.
     """
+    requested = accumulation_for_global_batch(args.global_batch_size, args.batch_size, parallel.data_parallel_size,
+                                              args.gradient_accumulation_steps)
     if not args.deepspeed:
-        return DeepSpeedConfig(), args.gradient_accumulation_steps or 1, precision.dtype
+        return DeepSpeedConfig(), requested or 1, precision.dtype
     config = read_deepspeed_json(args.deepspeed_config)
-    accumulation = resolve_deepspeed_batch(config, args.batch_size, parallel.data_parallel_size,
-                                           args.gradient_accumulation_steps)
+    accumulation = resolve_deepspeed_batch(config, args.batch_size, parallel.data_parallel_size, requested)
     dtype = resolve_deepspeed_precision(config, precision, torch.cuda.is_available())
     config.setdefault("gradient_clipping", args.clip_grad)
     config.setdefault("steps_per_print", 10**9)  # the training loop logs
@@ -462,6 +467,24 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
         checkpoint_in_cpu=args.checkpoint_in_cpu, synchronize_each_layer=args.synchronize_each_layer,
         profile_backward=args.profile_backward)
     return section, accumulation, dtype
+
+
+def accumulation_for_global_batch(global_batch: int | None, micro: int, data_parallel: int,
+                                  accumulation: int | None) -> int | None:
+    """The gradient accumulation steps ``--global-batch-size`` implies (None without it: the flag's)."""
+    if global_batch is None:
+        return accumulation
+    per_step = micro * data_parallel
+    if global_batch % per_step:
+        raise ConfigError(f"--global-batch-size {global_batch} is not a multiple of --batch-size {micro} x "
+                          f"data-parallel size {data_parallel} = {per_step}: pick a global batch divisible by "
+                          f"{per_step}, or another --batch-size")
+    derived = global_batch // per_step
+    if accumulation is not None and accumulation != derived:
+        raise ConfigError(f"--gradient-accumulation-steps {accumulation} contradicts --global-batch-size "
+                          f"{global_batch} = --batch-size {micro} x data-parallel size {data_parallel} x {derived}: "
+                          "drop --gradient-accumulation-steps (it is derived)")
+    return derived
 
 
 def training_config(args: argparse.Namespace, accumulation: int) -> TrainingConfig:

@@ -182,3 +182,36 @@ def test_values_numpy_and_adamw_refuse_are_config_errors(flags: list[str], messa
     with pytest.raises(ConfigError, match=message):
         validate_model_args(args)
         validate_training_args(args)
+
+
+@pytest.mark.parametrize("world,deepspeed", [(1, False), (2, False), (4, False), (2, True), (4, True)])
+def test_global_batch_size_derives_the_accumulation(world: int, deepspeed: bool, tmp_path: Path) -> None:
+    """--global-batch-size keeps the global batch at any data-parallel size, on both paths."""
+    flags = _ds_config(tmp_path, {"zero_optimization": {"stage": 1}}) if deepspeed else []
+    run = _run("--global-batch-size", "16", *flags, world=world)
+    assert run.global_batch_size == 16 and run.training.gradient_accumulation_steps == 16 // (2 * world)
+    if deepspeed:
+        assert json.loads(run.deepspeed.config_json)["train_batch_size"] == 16
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--global-batch-size", "6"], r"--global-batch-size 6 is not a multiple of --batch-size 2 x data-parallel "
+                                    r"size 4 = 8"),
+    (["--global-batch-size", "16", "--gradient-accumulation-steps", "1"],
+     r"--gradient-accumulation-steps 1 contradicts --global-batch-size 16"),
+])
+def test_bad_global_batch_sizes(flags: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _run(*flags, world=4)
+
+
+def test_global_batch_size_against_the_deepspeed_config(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="batch sizes disagree"):
+        _run("--global-batch-size", "16", *_ds_config(tmp_path, {"train_batch_size": 8}), world=2)
+
+
+def test_global_batch_size_must_be_positive() -> None:
+    from arguments import validate_training_args
+
+    with pytest.raises(ConfigError, match=r"--global-batch-size must be positive, got 0"):
+        validate_training_args(build_parser().parse_args([*MODEL, "--global-batch-size", "0"]))
