@@ -96,6 +96,7 @@ def check_deepspeed_config(config: dict[str, Any], path: str) -> None:
                  if line.strip() and not line.strip().startswith("For further information")]
         detail = "; ".join(lines[:4]) or type(error).__name__
         raise ConfigError(f"DeepSpeed config {path} is not valid: {detail}") from None
+    check_offload_optimizer(config, path)
     known = recording.seen | _KEYS_READ_ELSEWHERE
     for key in config:
         if key not in known:
@@ -103,6 +104,17 @@ def check_deepspeed_config(config: dict[str, Any], path: str) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"DeepSpeed config {path}: unknown key {key!r}{hint}; DeepSpeed would ignore it "
                               "silently: fix or remove it")
+
+
+def check_offload_optimizer(config: dict[str, Any], path: str) -> None:
+    """ZeRO-Offload runs DeepSpeed's own CPU Adam: DeepSpeed refuses our (client) optimizer there
+    unless ``zero_force_ds_cpu_optimizer`` is false, and only once the model is built."""
+    offload = config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    device = offload.get("device") if isinstance(offload, dict) else None
+    if device in ("cpu", "nvme") and "optimizer" not in config and config.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(f"DeepSpeed config {path} offloads the optimizer to {device} but defines no \"optimizer\": "
+                          "ZeRO-Offload needs DeepSpeed's CPU Adam; add an \"optimizer\" section (AdamW, as in "
+                          "scripts/ds_zero2_offload_config.json)")
 
 
 def init_deepspeed_comm() -> None:

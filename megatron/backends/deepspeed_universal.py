@@ -14,19 +14,24 @@ under ``--save`` and removed after the load; ``--load`` is never written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import io
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import torch
 
+from megatron.checkpoint.convert import pipeline_module_name
 from megatron.checkpoint.layout import Topology
 from megatron.checkpoint.reshard import StateCheck, announce, describe, staged_copy
+from megatron.checkpoint.universal import read_slice
 from megatron.config import RunConfig
-from megatron.errors import ConfigError
+from megatron.errors import ConfigError, TrainingAborted
 
 
 def convert_to_universal(source: str, output: str) -> None:
@@ -36,7 +41,9 @@ def convert_to_universal(source: str, output: str) -> None:
 
     args = argparse.Namespace(input_folder=source, output_folder=output, num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
-    ds_to_universal.main(args)
+    quiet = io.StringIO()  # its progress report and bars are not ours to print
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        ds_to_universal.main(args)
 
 
 def match_model_states(output: str, target_stage: int) -> None:
@@ -134,6 +141,22 @@ def restore_optimizer_state(engine: Any, snapshot: OptimizerSnapshot) -> None:
         group.update(values)
 
 
+def check_loaded_weights(engine: Any, run: RunConfig, copy: str) -> None:
+    """Every weight the engine holds is the copy's (in the engine's dtype): DeepSpeed's universal
+    loader skips what it does not recognise, and a run must not continue from weights it did not
+    load. ZeRO 3 partitions its weights (its loader reads every file or fails), so it is not checked."""
+    if run.deepspeed.zero_stage == 3:
+        return
+    pipelined = run.parallel.pipe_parallel_size > 1
+    for name, param in engine.module.named_parameters():
+        serial = pipeline_module_name(name, run.model.num_layers) if pipelined else name
+        expected = read_slice(copy, serial, "fp32", param.shape).to(param.dtype)
+        if not torch.equal(param.detach().cpu(), expected):
+            raise TrainingAborted(f"after DeepSpeed's universal load, {name} differs from the checkpoint's weights: "
+                                  "nothing was trained; report this with the DeepSpeed version "
+                                  f"({version('deepspeed')}), and resume at the saved topology meanwhile")
+
+
 def deepspeed_converter(source: str, target_stage: int, validate: StateCheck) -> Callable[[str], None]:
     """``convert(output)``: DeepSpeed's ``ds_to_universal`` of ``source``, named for the target,
     after ``validate`` accepted the checkpoint's model description (a changed shape is named, not
@@ -166,6 +189,8 @@ def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimi
                                             load_lr_scheduler_states=load_optimizer)
         finally:
             config.load_universal_checkpoint = False
+        if loaded[0] is not None:
+            check_loaded_weights(engine, run, output)
         if load_optimizer and loaded[0] is not None:
             repair_optimizer_state(engine, output)
         elif loaded[0] is not None:

@@ -210,6 +210,12 @@ def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: in
         write_text_atomic(os.path.join(save, TRACKER_FILENAME), f"{iteration}\n")
         if writes_latest:
             write_text_atomic(os.path.join(save, "latest"), os.path.basename(final_dir))
+        elif os.path.isfile(os.path.join(save, "latest")):
+            # DeepSpeed's tools (zero_to_fp32.py) follow ``latest``: after a Megatron-path checkpoint
+            # it would name an older DeepSpeed one as the newest.
+            os.remove(os.path.join(save, "latest"))
+            _say(f" note: removed {os.path.join(save, 'latest')} (DeepSpeed's pointer to its newest checkpoint): "
+                 f"{os.path.basename(final_dir)} is a Megatron-path checkpoint")
     except OSError as error:
         return write_failure(error, save)
     return None

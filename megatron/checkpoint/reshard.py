@@ -167,6 +167,10 @@ def universal_copy_converter(directory: str, run: RunConfig, current: Topology, 
 
     def convert(output: str) -> None:
         checkpoint = read_checkpoint_directory(directory, deepspeed_optimizer=True)
+        if "word_embeddings.weight" not in checkpoint.model:
+            raise ConfigError(f"checkpoint {directory} is not a GPT-2 checkpoint (a BERT one?): only GPT-2 "
+                              "checkpoints resume at another tensor- or pipeline-parallel size or on the other "
+                              "path; resume it at its saved topology")
         topology_keys = ("model_parallel_size", "pipe_parallel_size", "padded_vocab_size")
         validate({"model_config": {**checkpoint.model_config,
                                    **{key: target_config[key] for key in topology_keys if key in target_config}}})

@@ -61,9 +61,9 @@ def _whole_tensors(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]
     optimizer = checkpoint.optimizer
     masters = optimizer.get("masters") if optimizer else None
     tensors = {"fp32": (masters[name] if masters else checkpoint.model[name]).float()}
-    if optimizer is not None:
-        state = optimizer["param_state"].get(name, {})
-        tensors.update({key: state[key].float() for key in MOMENTS if key in state})
+    state = optimizer["param_state"].get(name, {}) if optimizer is not None else {}
+    for key in MOMENTS:  # zeros without optimizer state: DeepSpeed's ZeRO 3 loader reads every file
+        tensors[key] = state[key].float() if key in state else torch.zeros_like(tensors["fp32"])
     if name == EMBEDDING:
         rows = int(checkpoint.model_config.get("vocab_size") or tensors["fp32"].size(0))
         tensors = {key: value[:rows].clone() for key, value in tensors.items()}
@@ -81,7 +81,10 @@ def write_parameters(checkpoint: Checkpoint, output: str) -> None:
         if step is not None:  # a bare tensor: DeepSpeed's loader takes the file's content as the step
             save_torch_file(step, os.path.join(folder, "step.pt"))
     optimizer = checkpoint.optimizer or {}
-    state = _optimizer_state(optimizer.get("param_groups", []), step, optimizer.get("wrapper"))
+    # DeepSpeed loads the folders group by group, zipping its groups with these: without optimizer
+    # state, two groups (decay, no decay) that change no hyper-parameter.
+    groups = optimizer.get("param_groups") or [{"params": []}, {"params": []}]
+    state = _optimizer_state(groups, step, optimizer.get("wrapper"))
     save_torch_file(state, os.path.join(output, "zero", "optimizer_state.pt"))
 
 
@@ -102,7 +105,8 @@ def _optimizer_state(groups: list[dict[str, Any]], step: torch.Tensor | None,
     plain = [dict(group) for group in groups]
     scaler = {key: wrapper[key] for key in ("loss_scaler", "dynamic_loss_scale", "overflow", "skipped_steps")
               if key in wrapper} if wrapper else None
-    return {"loss_scaler_state": scaler, "param_groups": plain, "ds_version": version("deepspeed"),  # DeepSpeed's loader requires one
+    return {"loss_scaler_state": scaler, "param_groups": plain,
+            "ds_version": version("deepspeed"),  # DeepSpeed's loader requires one
             "optimizer_state_dict": {"state": {0: {"step": step if step is not None else torch.tensor(0.0)}},
                                      "param_groups": plain},
             "has_optimizer_state": step is not None}

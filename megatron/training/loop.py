@@ -279,7 +279,10 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         # Start-up (data loaders, DeepSpeed's pipeline engine) may draw from the generators:
         # restore the saved streams last, so the next step draws what it drew in the saved run.
         set_rng_states(rng_states, backend.rng_tracker)
-    if state.iteration < run.training.train_iters:
+    if state.iteration >= run.training.train_iters:
+        print_rank_0(f" note: the checkpoint is at iteration {state.iteration} and --train-iters is "
+                     f"{run.training.train_iters}: nothing to train (raise --train-iters to continue)")
+    else:
         state = train(backend, data, run, state, nan_injection)
         if state.stopped_early:
             return state

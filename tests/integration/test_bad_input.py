@@ -85,6 +85,10 @@ CASES = {
                                          + _ds(w["root"], {"zero_optimization": {"stage": 2}}),
                                          "ZeRO stage 2", 1),
     "pipeline without deepspeed": (lambda w: ["--pipe-parallel-size", "2"], "needs --deepspeed", 1),
+    # A DeepSpeed traceback from deepspeed.initialize before (hostile review of issue 17).
+    "offload without deepspeed's optimizer": (
+        lambda w: _ds(w["root"], {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}),
+        'offloads the optimizer to cpu but defines no "optimizer"', 1),
     "sequence above positions": (lambda w: ["--seq-length", "64"],
                                  "--seq-length (64) exceeds --max-position-embeddings (32)", 1),
     "missing vocabulary": (lambda w: ["--vocab-file", str(w["root"] / "vocab.json")], "vocab.json does not exist", 1),

@@ -143,3 +143,70 @@ def test_a_changed_model_shape_is_named_before_any_conversion(route: str, zero1_
                                                  str(zero1_dp1), "--hidden-size", "32"], None, check=False)
         assert_one_line_error(result, "hidden_size: checkpoint 64 vs run 32")
     assert not list(out.glob(".reshard-*")) and not list(out.glob("iter_*"))
+
+
+
+def _megatron(directory: Path, iters: int, *extra: str) -> subprocess.CompletedProcess:
+    args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", str(iters), "--save-interval", "4",
+            "--batch-size", "4", "--save", str(directory), *extra]
+    return run_script("pretrain_gpt2.py", args, None, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def weights_only(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """A Megatron-path checkpoint saved with --no-save-optim at iteration 4, and the loss of
+    iteration 5 when the Megatron path resumes it with --no-load-optim."""
+    source = tmp_path_factory.mktemp("weights_only") / "nso"
+    _megatron(source, 4, "--no-save-optim")
+    copy = source.parent / "same_path"
+    shutil.copytree(source, copy)
+    out = _megatron(copy, 5, "--load", str(copy), "--no-load-optim")
+    return source, float(losses(out.stdout)[5])
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_weights_only_checkpoint_on_deepspeed_continues_from_its_weights(
+        stage: int, weights_only: tuple[Path, float], demo_corpus: Path, tmp_path: Path) -> None:
+    """DeepSpeed's universal load zips its parameter groups with the copy's: a copy without
+    optimizer state had none, so ZeRO 1/2 loaded no weights and trained on from random ones
+    (exit 0), and ZeRO 3 looked for Adam moments that were not there."""
+    source, expected = weights_only
+    resumed = tmp_path / "resumed"
+    shutil.copytree(source, resumed)
+    out = _train(resumed, stage, 1, 4, 5, "--load", str(resumed), "--no-load-optim")
+    got = float(losses(out.stdout)[5])
+    assert abs(got - expected) <= 1e-4 * abs(expected), (got, expected)
+
+
+def test_a_bert_checkpoint_at_another_topology_is_refused(demo_corpus: Path, tmp_path: Path) -> None:
+    """The universal copy knows GPT-2's parameters only: a BERT one corrupted the heap."""
+    from launchers import DEMO_DIR
+
+    bert = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--max-position-embeddings", "64", "--lr", "1e-3", "--lr-decay-iters", "20", "--log-interval", "1",
+            "--eval-iters", "0", "--num-workers", "0", "--train-data", "demo", "--demo-data-dir", str(DEMO_DIR),
+            "--vocab-file", str(DEMO_DIR / "bert-uncased-vocab.txt"), "--make-vocab-size-divisible-by", "40"]
+    save = tmp_path / "bert"
+    run_script("pretrain_bert.py", [*bert, "--batch-size", "4", "--train-iters", "2", "--save-interval", "2",
+                                    "--save", str(save), "--model-parallel-size", "2"], 2)
+    before = tree_digest(save)
+    result = run_script("pretrain_bert.py", [*bert, "--batch-size", "4", "--train-iters", "4", "--save", str(save),
+                                             "--load", str(save)], None, check=False)
+    assert_one_line_error(result, "is not a GPT-2 checkpoint", "resume it at its saved topology")
+    assert tree_digest(save) == before
+
+
+def test_a_megatron_save_removes_deepspeeds_stale_latest(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    """DeepSpeed's tools follow ``latest``; after a Megatron-path checkpoint it named an older one."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(zero1_dp1, resumed)
+    out = _megatron(resumed, 5, "--load", str(resumed))
+    assert "removed" in out.stdout and not (resumed / "latest").exists()
+    assert (resumed / "latest_checkpointed_iteration.txt").read_text().strip() == "5"
+
+
+def test_nothing_to_train_is_said(zero1_dp1: Path, demo_corpus: Path, tmp_path: Path) -> None:
+    resumed = tmp_path / "resumed"
+    shutil.copytree(zero1_dp1, resumed)
+    out = _megatron(resumed, 4, "--load", str(resumed))
+    assert "note: the checkpoint is at iteration 4 and --train-iters is 4: nothing to train" in out.stdout
