@@ -43,6 +43,8 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: str = "6000"
     device: torch.device = torch.device("cpu")
+    restart_count: int = 0  # which attempt of an elastic (torchrun --max-restarts) job this is
+    max_restarts: int = 0
 
     @property
     def data_parallel_size(self) -> int:
@@ -224,7 +226,8 @@ def build_parallel_config(launch: LaunchEnv, model_parallel_size: int, pipe_para
         model_parallel_size=model_parallel_size, pipe_parallel_size=pipe_parallel_size,
         pipe_partition_method=pipe_partition_method, distributed_backend=backend,
         distributed_timeout_minutes=distributed_timeout_minutes, master_addr=launch.master_addr,
-        master_port=launch.master_port, device=device)
+        master_port=launch.master_port, device=device, restart_count=launch.restart_count,
+        max_restarts=launch.max_restarts)
 
 
 def resolve_deepspeed_batch(config: dict[str, Any], micro: int, data_parallel: int,

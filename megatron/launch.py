@@ -39,6 +39,8 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: str
+    restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: 0 on the first attempt
+    max_restarts: int = 0  # torchrun's --max-restarts
 
 
 def free_port() -> int:
@@ -108,7 +110,9 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     port = env.get("MASTER_PORT", "6000")
     if "RANK" in env and "WORLD_SIZE" in env:
         return _checked(LaunchEnv(_env_int(env, "RANK"), _env_int(env, "WORLD_SIZE"), _env_int(env, "LOCAL_RANK", 0),
-                                  env.get("MASTER_ADDR", "127.0.0.1"), port), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+                                  env.get("MASTER_ADDR", "127.0.0.1"), port,
+                                  _env_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+                                  _env_int(env, "TORCHELASTIC_MAX_RESTARTS", 0)), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if "OMPI_COMM_WORLD_RANK" in env:
         return _checked(LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK"), _env_int(env, "OMPI_COMM_WORLD_SIZE"),
                                   _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),

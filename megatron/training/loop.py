@@ -271,6 +271,10 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         if note:
             print_rank_0(note)
     parallel = run.parallel
+    if parallel.restart_count:
+        print_rank_0(f" > restart {parallel.restart_count} of at most {parallel.max_restarts} (torchrun): the previous "
+                     f"attempt stopped (its ranks' last lines say why); resumed at iteration {state.iteration} on "
+                     f"{parallel.world_size} ranks")
     print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
                  f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "
                  f"backend {backend.name}")

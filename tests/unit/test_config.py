@@ -215,3 +215,11 @@ def test_global_batch_size_must_be_positive() -> None:
 
     with pytest.raises(ConfigError, match=r"--global-batch-size must be positive, got 0"):
         validate_training_args(build_parser().parse_args([*MODEL, "--global-batch-size", "0"]))
+
+
+def test_an_elastic_restart_is_known() -> None:
+    args = build_parser().parse_args(MODEL)
+    environ = {**_world(2), "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "3"}
+    run = build_run_config(args, vocab_size=8000, eod_token=7999, environ=environ)
+    assert (run.parallel.restart_count, run.parallel.max_restarts) == (1, 3)
+    assert _run().parallel.restart_count == 0
