@@ -135,6 +135,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="print per-phase timers (synchronises the device at each phase)")
     group.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                        help="collectives waiting longer than this fail instead of hanging")
+    group.add_argument("--progress-timeout-minutes", type=float, default=5.0,
+                       help="a rank whose training loop makes no progress (step, checkpoint, evaluation) for this "
+                            "long exits with status 1, so that torchrun --max-restarts restarts the job; 0 never")
     group.add_argument("--keep-last-n", type=int, default=None,
                        help="keep only the newest N complete checkpoints (default: keep all)")
     group.add_argument("--exit-signal-handler", action="store_true",
@@ -228,6 +231,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
                              "keep_last_n", "exit_interval", "exit_duration_in_mins", "max_skipped_steps"])
     if args.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if not args.progress_timeout_minutes >= 0:
+        raise ConfigError(f"--progress-timeout-minutes must be >= 0 (0: never), got {args.progress_timeout_minutes}")
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
     if args.loss_scale is not None and args.loss_scale <= 0:
@@ -495,7 +500,7 @@ def training_config(args: argparse.Namespace, accumulation: int) -> TrainingConf
         reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss, max_skipped_steps=args.max_skipped_steps,
         exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
-        exit_duration_in_mins=args.exit_duration_in_mins)
+        exit_duration_in_mins=args.exit_duration_in_mins, progress_timeout_minutes=args.progress_timeout_minutes)
 
 
 def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:

@@ -115,6 +115,7 @@ class TrainingConfig:
     exit_signal_handler: bool = False
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
+    progress_timeout_minutes: float = 5.0  # a rank without progress this long ends the job (0: never)
 
 
 @dataclass(frozen=True)

@@ -146,14 +146,15 @@ def initialize_distributed(parallel: ParallelConfig) -> None:
     os.environ.update(MASTER_ADDR=parallel.master_addr, MASTER_PORT=parallel.master_port,
                       RANK=str(parallel.rank), WORLD_SIZE=str(parallel.world_size),
                       LOCAL_RANK=str(parallel.local_rank))
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     try:
-        dist.init_process_group(
-            backend=parallel.distributed_backend,
-            init_method=f"tcp://{parallel.master_addr}:{parallel.master_port}",
-            rank=parallel.rank,
-            world_size=parallel.world_size,
-            timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes),
-        )
+        store, _, _ = next(dist.rendezvous(f"tcp://{parallel.master_addr}:{parallel.master_port}", parallel.rank,
+                                           parallel.world_size, timeout=timeout))
+        # torchrun may hand a restarted attempt the store of the failed one: keys of its own (the
+        # peers' addresses) keep the new attempt from reading a dead rank's.
+        store = dist.PrefixStore(f"megatron/attempt_{parallel.restart_count}", store)
+        dist.init_process_group(backend=parallel.distributed_backend, store=store, rank=parallel.rank,
+                                world_size=parallel.world_size, timeout=timeout)
     except dist.DistNetworkError as error:
         if "EADDRINUSE" in str(error) or "address already in use" in str(error).lower():
             raise ConfigError(f"MASTER_PORT {parallel.master_port} on {parallel.master_addr} is already in use by "

@@ -37,6 +37,7 @@ from megatron.training.log import (
     write_scalars,
 )
 from megatron.training.timers import Timers, memory_report
+from megatron.training.watchdog import ProgressWatchdog
 
 ModelProvider = Callable[[RunConfig], nn.Module | PipelineDescription]
 
@@ -183,13 +184,27 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
           nan_injection: NanInjection | None = None) -> TrainState:
     """Train from ``state`` to ``--train-iters`` (or an exit condition), with periodic logging,
     validation and checkpoints. Every rank calls it."""
-    training, logging, checkpoint = run.training, run.logging, run.checkpoint
-    timers = Timers(synchronize=logging.log_timers)
+    training, logging = run.training, run.logging
     writer = build_tensorboard_writer(run)
-    exits = ExitConditions(training)
     peak, source = device_peak_tflops(run.precision.dtype, logging.peak_tflops)  # once (~0.2 s on CPU)
     print_rank_0(f" > peak TFLOP/s per device for MFU: {peak:.3f} ({source}, {run.precision.dtype})")
     backend.train()
+    watchdog = ProgressWatchdog(training.progress_timeout_minutes * 60, run.parallel.rank)
+    watchdog.start()
+    try:
+        return _train_loop(backend, data, run, state, nan_injection, watchdog, writer, peak)
+    finally:
+        watchdog.stop()
+        if writer is not None:
+            writer.close()
+
+
+def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
+                nan_injection: NanInjection | None, watchdog: ProgressWatchdog, writer: Any, peak: float) -> TrainState:
+    """The loop of ``train``; ``watchdog`` hears of every step, checkpoint and evaluation."""
+    training, logging, checkpoint = run.training, run.logging, run.checkpoint
+    timers = Timers(synchronize=logging.log_timers)
+    exits = ExitConditions(training)
     interval_start = time.perf_counter()
     while state.iteration < training.train_iters:
         if nan_injection is not None:
@@ -199,6 +214,7 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
         timers("step").stop()
         if nan_injection is not None:
             nan_injection.iteration = None
+        watchdog.beat()
         _record_step(state, result, run)
         if state.iteration % logging.log_interval == 0:
             _check_skips(state, run)
@@ -208,6 +224,7 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop):
             _check_skips(state, run)
             save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            watchdog.beat()
             interval_start = time.perf_counter()
         if stop:
             print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
@@ -217,11 +234,10 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
         if data.do_valid and state.iteration % training.eval_interval == 0:
             evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, writer,
                                        state.iteration)
+            watchdog.beat()
             interval_start = time.perf_counter()
     if not state.stopped_early:
         _check_skips(state, run)  # before the final checkpoint
-    if writer is not None:
-        writer.close()
     return state
 
 

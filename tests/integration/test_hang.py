@@ -1,0 +1,85 @@
+"""A hung rank ends in a restart (issue 18): under ``torchrun --max-restarts 1`` (2 ranks), rank 1
+is SIGSTOPped after iteration 5; rank 0's progress watchdog (``--progress-timeout-minutes``)
+exits within the timeout, torchrun stops the group and restarts it, and the run finishes with the
+uninterrupted run's losses. Without restarts the job ends non-zero within the timeout plus 30 s,
+with one line naming the cause. Real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from launchers import ENV, NO_DROPOUT, REPO, TINY_GPT2, free_port, losses, run_training
+
+ITERS = 12
+TIMEOUT_S = 6  # --progress-timeout-minutes 0.1
+
+
+def _args(save: Path) -> list[str]:
+    return [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", str(ITERS), "--save-interval", "4",
+            "--batch-size", "2", "--save", str(save), "--load", str(save), "--progress-timeout-minutes", "0.1"]
+
+
+def _stop_rank_1_after(log: Path, launcher: subprocess.Popen, iteration: int) -> tuple[int, float]:
+    """SIGSTOP the launcher's second worker once ``iteration`` is printed; (its pid, when)."""
+    deadline = time.monotonic() + 300
+    while iteration not in losses(log.read_text()):
+        assert time.monotonic() < deadline and launcher.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = sorted(int(pid) for pid in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                                        text=True).stdout.split())
+    os.kill(workers[-1], signal.SIGSTOP)
+    return workers[-1], time.monotonic()
+
+
+def _hung_run(tmp_path: Path, restarts: int) -> tuple[int, float, str]:
+    """(exit status, seconds from the SIGSTOP to the end, log) of a run whose rank 1 hangs."""
+    log = tmp_path / f"hung{restarts}.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts",
+               str(restarts), "--master_port", str(free_port()), "pretrain_gpt2.py", *_args(tmp_path / "ckpt")]
+    with open(log, "w") as handle:
+        launcher = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=handle, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+    stopped = None
+    try:
+        stopped, since = _stop_rank_1_after(log, launcher, 5)
+        status = launcher.wait(timeout=300)
+        return status, time.monotonic() - since, log.read_text()
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def test_a_hung_rank_restarts_and_the_run_continues_exactly(demo_corpus: Path, tmp_path: Path) -> None:
+    expected = losses(run_training(2, _args(tmp_path / "straight")).stdout)
+    status, _, log = _hung_run(tmp_path, restarts=1)
+    assert status == 0, log[-3000:]
+    assert f"no training progress for {TIMEOUT_S} s" in log and "restart 1 of at most 1" in log, log[-3000:]
+    resumed = losses(log.split("restart 1 of at most 1")[-1])
+    assert resumed and resumed == {i: expected[i] for i in resumed} and max(resumed) == ITERS, (resumed, expected)
+
+
+def test_without_restarts_a_hung_rank_ends_the_job(demo_corpus: Path, tmp_path: Path) -> None:
+    status, seconds, log = _hung_run(tmp_path, restarts=0)
+    assert status != 0 and seconds < TIMEOUT_S + 30 + 10, (status, seconds, log[-3000:])
+    errors = [line for line in log.splitlines() if line.startswith("error")]
+    assert errors and "no training progress" in errors[0] and "Traceback (most recent call last)" not in \
+        log.split(errors[0])[0], log[-3000:]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_bad_timeout_is_one_line(value: str, demo_corpus: Path, tmp_path: Path) -> None:
+    from launchers import assert_one_line_error, run_script
+
+    result = run_script("pretrain_gpt2.py", [*TINY_GPT2, "--progress-timeout-minutes", value], None, check=False)
+    assert_one_line_error(result, "--progress-timeout-minutes must be >= 0")
