@@ -112,6 +112,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--clip-grad", type=float, default=1.0, help="gradient clipping by global norm (0: off)")
     group.add_argument("--save", default=None, help="directory to save checkpoints to")
     group.add_argument("--save-interval", type=int, default=5000, help="iterations between checkpoints")
+    group.add_argument("--save-interval-minutes", type=float, default=None,
+                       help="also checkpoint when this many minutes passed since the last checkpoint (agreed by "
+                            "every rank), so a crash loses at most that much work")
     group.add_argument("--no-save-optim", action="store_true", help="do not save the optimizer state")
     group.add_argument("--no-save-rng", action="store_true", help="do not save the RNG states")
     group.add_argument("--load", default=None, help="directory to load a checkpoint from")
@@ -228,7 +231,8 @@ def validate_training_args(args: argparse.Namespace) -> None:
     _require_positive(args, ["batch_size", "train_iters", "lr", "log_interval", "eval_interval",
                              "save_interval", "checkpoint_num_layers", "gradient_accumulation_steps", "global_batch_size",
                              "distributed_timeout_minutes", "lr_decay_iters", "eval_batch_size",
-                             "keep_last_n", "exit_interval", "exit_duration_in_mins", "max_skipped_steps"])
+                             "keep_last_n", "exit_interval", "exit_duration_in_mins", "max_skipped_steps",
+                             "save_interval_minutes"])
     if args.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if not args.progress_timeout_minutes >= 0:
@@ -514,6 +518,7 @@ def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
 def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
     return CheckpointConfig(
         save=args.save, load=args.load, save_interval=args.save_interval, keep_last_n=args.keep_last_n,
+        save_interval_minutes=args.save_interval_minutes,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, load_optim=not args.no_load_optim,
         load_rng=not args.no_load_rng, finetune=args.finetune,
         override_tokenizer_check=args.override_tokenizer_check)

@@ -132,6 +132,7 @@ class CheckpointConfig:
     save: str | None = None
     load: str | None = None
     save_interval: int = 5000
+    save_interval_minutes: float | None = None  # also save when this much time passed since the last save
     keep_last_n: int | None = None
     save_optim: bool = True  # not --no-save-optim
     save_rng: bool = True  # not --no-save-rng

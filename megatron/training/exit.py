@@ -1,4 +1,5 @@
-"""Stop requests agreed by every rank: SIGTERM or SIGINT, --exit-interval and --exit-duration-in-mins."""
+"""Decisions agreed by every rank: stop requests (SIGTERM or SIGINT, --exit-interval,
+--exit-duration-in-mins) and time-based checkpoints (--save-interval-minutes)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,24 @@ class ExitConditions:
         elif flags[1] > 0:
             self.reason = "--exit-duration-in-mins"
         return bool(flags.sum() > 0)
+
+
+class TimedSaves:
+    """``--save-interval-minutes``: whether this iteration saves because that much time passed
+    since the last checkpoint (or the start). Clocks differ: rank 0's decides, through a MAX
+    all-reduce of one flag per iteration, only when the flag is set."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.interval_s = None if minutes is None else 60.0 * minutes
+        self.saved_at = time.monotonic()
+
+    def due(self) -> bool:
+        if self.interval_s is None:
+            return False
+        late = dist.get_rank() == 0 and time.monotonic() - self.saved_at > self.interval_s
+        flag = torch.tensor([float(late)], device=mpu.communication_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def saved(self) -> None:
+        self.saved_at = time.monotonic()

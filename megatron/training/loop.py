@@ -26,7 +26,7 @@ from megatron.errors import TrainingAborted
 from megatron.launch import initialize_megatron
 from megatron.model.gpt2_pipe import PipelineDescription
 from megatron.training.data import DataIterators, DataPosition, DataProvider
-from megatron.training.exit import ExitConditions
+from megatron.training.exit import ExitConditions, TimedSaves
 from megatron.training.flops import device_peak_tflops, model_flops_per_token, utilization
 from megatron.training.log import (
     IntervalReport,
@@ -205,6 +205,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
     training, logging, checkpoint = run.training, run.logging, run.checkpoint
     timers = Timers(synchronize=logging.log_timers)
     exits = ExitConditions(training)
+    timed_saves = TimedSaves(checkpoint.save_interval_minutes)
     interval_start = time.perf_counter()
     while state.iteration < training.train_iters:
         if nan_injection is not None:
@@ -221,9 +222,11 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
             _log_interval(state, backend, run, writer, timers, time.perf_counter() - interval_start, peak)
             interval_start = time.perf_counter()
         stop = exits.should_exit(state.iteration)
-        if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop):
+        timed = checkpoint.save is not None and timed_saves.due()
+        if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
             _check_skips(state, run)
             save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            timed_saves.saved()
             watchdog.beat()
             interval_start = time.perf_counter()
         if stop:

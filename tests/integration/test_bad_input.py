@@ -104,6 +104,7 @@ CASES = {
                                                   "stages a converted copy under --save: pass --save", 2),
     "unwritable save": (lambda w: ["--save", str(w["root"] / "not_a_dir" / "ckpt")], "is not writable", 1),
     "zero iterations": (lambda w: ["--train-iters", "0"], "--train-iters must be positive, got 0", 1),
+    "zero save minutes": (lambda w: ["--save-interval-minutes", "0"], "--save-interval-minutes must be positive", 1),
     "negative batch": (lambda w: ["--batch-size", "-2"], "--batch-size must be positive, got -2", 1),
     "zero learning rate": (lambda w: ["--lr", "0"], "--lr must be positive, got 0.0", 1),
     # One line before the restructure (a bare ValueError from NumPy or AdamW counted as a user error

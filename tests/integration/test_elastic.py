@@ -82,3 +82,15 @@ def test_a_lost_node_continues_at_half_the_size(path: str, demo_corpus: Path, tm
     assert set(got) == set(range(int(resumed.group(1)) + 1, ITERS + 1)), log[-3000:]
     for iteration, loss in got.items():
         assert abs(loss - expected[iteration]) <= 1e-4 * abs(expected[iteration]), (iteration, loss, expected)
+
+
+def test_time_based_checkpoints(demo_corpus: Path, tmp_path: Path) -> None:
+    """--save-interval-minutes saves between --save-interval checkpoints (here every ~0.1 s)."""
+    from launchers import run_training
+
+    save = tmp_path / "ckpt"
+    run_training(2, [*TINY_GPT2, "--eval-iters", "0", "--train-iters", "12", "--batch-size", "2", "--save",
+                     str(save), "--save-interval", "1000", "--save-interval-minutes", "0.002"])
+    saved = sorted(p.name for p in save.glob("iter_*"))
+    assert len(saved) >= 3 and saved[-1] == "iter_0000012", saved  # timed ones, then the final one
+    assert all((save / name / "complete").is_file() for name in saved)
