@@ -258,7 +258,7 @@ def global_batch_note(state: TrainState, run: RunConfig) -> str | None:
     return (f" note: the checkpoint consumed {state.consumed_samples} samples in {state.iteration} iterations "
             f"(global batch {state.consumed_samples / state.iteration:g}); this run's global batch is "
             f"{run.global_batch_size} ({shape}): the data continues at sample {state.consumed_samples}, the "
-            "learning-rate schedule at iteration " + f"{state.iteration}")
+            f"learning-rate schedule at iteration {state.iteration}")
 
 
 def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
