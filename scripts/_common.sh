@@ -5,7 +5,11 @@
 #   DATA_PATH="PREFIX" or "0.3 A 0.7 B"    preprocessed .bin/.idx data instead of TRAIN_DATA
 #   VOCAB_FILE, MERGE_FILE                 GPT-2 vocabulary (default: the demo's)
 #   BATCH_SIZE, TRAIN_ITERS, SEQ_LENGTH, LR, CHECKPOINT_PATH, PRECISION=fp32|fp16|bf16
-#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
+#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   (several nodes: run the script on each)
+#   RDZV_ENDPOINT=host:port  torchrun scripts: elastic c10d rendezvous instead of a fixed master, with
+#                            MIN_NODES (default NNODES) to NNODES nodes and MAX_RESTARTS (default 3)
+#   HOSTFILE=path            DeepSpeed scripts: DeepSpeed's "host slots=N" file, started over ssh (PDSH);
+#                            NO_SSH=1 starts only this node (run the script on each, NODE_RANK set)
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -78,4 +82,22 @@ GPT2_ARGS=(
 # Build the demo corpus once, before the ranks start (they would otherwise wait on its lock).
 if [ "${TRAIN_DATA:-demo}" = demo ] || [[ "$VOCAB_FILE" == data/demo/* ]]; then
   python tools/build_demo_corpus.py --output-dir data/demo >/dev/null
+fi
+
+# The launcher commands (arrays) of the torchrun and DeepSpeed scripts, from the variables above.
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "${MIN_NODES:-$NNODES}:$NNODES"
+            --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+            --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")
+else
+  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+            --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+fi
+if [ -n "${HOSTFILE:-}" ]; then
+  [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE does not exist (one 'host slots=N' line per node)" >&2; exit 2; }
+  DEEPSPEED=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
+             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+  if [ "${NO_SSH:-0}" = 1 ]; then DEEPSPEED+=(--no_ssh --node_rank "$NODE_RANK"); fi
+else
+  DEEPSPEED=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
 fi

@@ -11,12 +11,6 @@ PIPE_SIZE=${PIPE_SIZE:-2}
 MP_SIZE=${MP_SIZE:-1}
 MICRO_BATCHES=${MICRO_BATCHES:-4}
 DS_CONFIG=${DS_CONFIG:-scripts/ds_zero1_config.json}
-if [ -n "${HOSTFILE:-}" ]; then
-  LAUNCH=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
-          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-else
-  LAUNCH=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
-fi
-exec "${LAUNCH[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" \
+exec "${DEEPSPEED[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" \
   --pipe-parallel-size "$PIPE_SIZE" --model-parallel-size "$MP_SIZE" \
   --gradient-accumulation-steps "$MICRO_BATCHES" --deepspeed --deepspeed_config "$DS_CONFIG" "$@"

@@ -141,6 +141,13 @@ def restore_optimizer_state(engine: Any, snapshot: OptimizerSnapshot) -> None:
         group.update(values)
 
 
+def copy_has_optimizer_state(copy: str) -> bool:
+    """Whether the universal copy carries optimizer state and a schedule (DeepSpeed's always does)."""
+    states = sorted(glob.glob(os.path.join(copy, "*mp_rank_00_model_states.pt")))
+    client = torch.load(states[0], map_location="cpu", weights_only=False)  # our own run's file
+    return bool(client.get("has_optimizer_state", True))
+
+
 def check_loaded_weights(engine: Any, run: RunConfig, copy: str) -> None:
     """Every weight the engine holds is the copy's (in the engine's dtype): DeepSpeed's universal
     loader skips what it does not recognise, and a run must not continue from weights it did not
@@ -179,6 +186,8 @@ def load_resharded(engine: Any, run: RunConfig, root: str, tag: str, load_optimi
     names it in the log); every rank calls it."""
     current = Topology.of(run, run.backend_name)
     with staged_copy(run, root, tag, f"{describe(saved)} -> {describe(current)}", convert) as output:
+        # An iteration-0 checkpoint (from-hf) has neither optimizer state nor schedule: a fresh start.
+        load_optimizer = load_optimizer and copy_has_optimizer_state(output)
         fresh = None if load_optimizer else snapshot_optimizer_state(engine)
         config = engine._config  # DeepSpeed reads this flag only when loading: set it for this load alone
         config.load_universal_checkpoint = True

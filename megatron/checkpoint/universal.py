@@ -130,7 +130,8 @@ def client_states(checkpoint: Checkpoint, target: Topology, target_config: dict[
             "global_steps": checkpoint.iteration, "global_samples": checkpoint.consumed_samples,
             "skipped_steps": 0, "dp_world_size": target.data_parallel_size,
             "mp_world_size": files, "buffer_names": [], "param_shapes": None,
-            "ds_config": {}, "resharded_from": dict(checkpoint.model_config)}
+            "ds_config": {}, "resharded_from": dict(checkpoint.model_config),
+            "has_optimizer_state": checkpoint.optimizer is not None and checkpoint.lr_scheduler is not None}
         if rng is not None:
             state["rng_states"] = rng[rank]
         states.append(state)

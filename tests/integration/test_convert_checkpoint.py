@@ -159,3 +159,19 @@ def test_bad_input_is_a_one_line_error(megatron_run: tuple[Path, dict[int, str]]
                                   "--model-parallel-size", "1", check=False), "not a Hugging Face model directory")
     assert_one_line_error(convert("reshard", "--load", str(source), "--save", str(tmp_path / "o"),
                                   "--model-parallel-size", "3", *DIVISIBLE, check=False), "divisible")
+
+
+def test_from_hf_checkpoint_continues_on_deepspeed(demo_corpus: Path, tmp_path: Path) -> None:
+    """An iteration-0 (weights only, no schedule) Megatron-layout checkpoint starts a DeepSpeed run
+    through the universal copy (a fresh optimizer and schedule, the converted weights)."""
+    import json
+
+    hf_dir = random_hf_model(tmp_path / "hf", std=0.02)
+    convert("from-hf", "--input", str(hf_dir), "--save", str(tmp_path / "ckpt"), "--model-parallel-size", "2",
+            *DIVISIBLE)
+    config = tmp_path / "z1.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    out = run_training(2, TINY_GPT2 + ["--train-iters", "3", "--load", str(tmp_path / "ckpt"), "--save",
+                                       str(tmp_path / "ds"), "--deepspeed", "--deepspeed_config", str(config)])
+    assert "resharded checkpoint" in out.stdout and "at iteration 0" in out.stdout
+    assert sorted(losses(out.stdout)) == [1, 2, 3]
