@@ -5,11 +5,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 import torch
-from launchers import DEMO_DIR, run_tool
+from launchers import DEMO_DIR, NO_DROPOUT, TINY_GPT2, losses, run_script, run_tool
+
+RESUME_TOLERANCE = 1e-4
+
+
+def train_eight_saving_at_4(directory: Path, ranks: int, *args: str) -> tuple[dict[int, float], str]:
+    """8 iterations of the tiny GPT-2 without dropout on ``ranks`` ranks, saving at 4 and 8 into
+    ``directory`` (resuming when it holds a checkpoint); the printed losses and the output."""
+    command = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", "8", "--lr-decay-iters", "20",
+               "--save-interval", "4", "--save", str(directory), "--load", str(directory), *args]
+    out = run_script("pretrain_gpt2.py", command, ranks if ranks > 1 else None, timeout=600)
+    return {iteration: float(value) for iteration, value in losses(out.stdout).items()}, out.stdout
+
+
+def resumed_from_4(tmp_path: Path, straight: Path) -> Path:
+    """A copy of ``straight`` (a ``train_eight_saving_at_4`` run) whose newest checkpoint is 4."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "iter_0000008")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("4\n")
+    if (resumed / "latest").exists():
+        (resumed / "latest").write_text("iter_0000004")
+    return resumed
+
+
+def close_after_4(expected: dict[int, float], got: dict[int, float]) -> bool:
+    """Iterations 5-8 of ``got`` within ``RESUME_TOLERANCE`` (relative) of ``expected``."""
+    return all(abs(got[i] - expected[i]) <= RESUME_TOLERANCE * abs(expected[i]) for i in range(5, 9))
 
 
 def tree_digest(root: Path, skip: tuple[str, ...] = ()) -> str:

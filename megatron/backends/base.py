@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron import mpu
+from megatron.checkpoint.layout import StateCheck
 from megatron.config import RunConfig
 from megatron.training.schedule import AnnealingLR
 
@@ -25,8 +26,6 @@ from megatron.training.schedule import AnnealingLR
 ForwardStep = Callable[[Iterator | None, nn.Module, RunConfig], torch.Tensor]
 # pipeline_batch(data_iterator, run) -> (inputs, labels) of one micro batch for the pipeline engine.
 PipelineBatchFn = Callable[[Iterator | None, RunConfig], tuple[Any, Any]]
-# validate(client_state) raises ConfigError when a checkpoint does not belong to this run.
-StateCheck = Callable[[dict[str, Any]], None]
 
 
 @dataclass

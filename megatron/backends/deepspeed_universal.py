@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from megatron.checkpoint.convert import pipeline_module_name
-from megatron.checkpoint.layout import Topology
-from megatron.checkpoint.reshard import StateCheck, announce, describe, staged_copy
+from megatron.checkpoint.layout import StateCheck, Topology
+from megatron.checkpoint.reshard import announce, describe, staged_copy
 from megatron.checkpoint.universal import read_slice
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted

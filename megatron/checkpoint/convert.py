@@ -266,7 +266,7 @@ def pipeline_module_name(name: str, num_layers: int) -> str | None:
     return pipeline_layer_name(int(block), num_layers, rest) if block.isdigit() else None
 
 
-def pipeline_module_names(serial_name: str, num_layers: int) -> str:
+def pipeline_name_of(serial_name: str, num_layers: int) -> str:
     """Inverse of ``pipeline_module_name``: the ``PipelineModule`` name of serial ``serial_name``."""
     if serial_name.startswith("transformer.layers."):
         layer, _, rest = serial_name[len("transformer.layers."):].partition(".")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,8 @@ MAX_MARKER_BYTES = 64 * 2**20  # a manifest lists a few hundred files at most
 MODEL_CONFIG_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
                      "padded_vocab_size", "model_parallel_size", "pipe_parallel_size")
 TOKENIZER_KEYS = ("vocab_size", "eod_token", "tokenizer_sha256")
+# validate(client_state) raises ConfigError when a checkpoint does not belong to this run.
+StateCheck = Callable[[dict[str, Any]], None]
 
 
 def checkpoint_tag(iteration: int) -> str:

@@ -21,20 +21,18 @@ import glob
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch.distributed as dist
 
 from megatron.checkpoint.convert import read_checkpoint_directory
-from megatron.checkpoint.layout import Topology, read_manifest, write_failure
+from megatron.checkpoint.layout import StateCheck, Topology, read_manifest, write_failure
 from megatron.checkpoint.protocol import run_model_config
-from megatron.checkpoint.universal import write_universal
+from megatron.checkpoint.universal import EMBEDDING, write_universal
 from megatron.checkpoint.zero_state import trusted_load
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted
 
 NATIVE, DEEPSPEED_UNIVERSAL, UNIVERSAL_COPY = "native", "deepspeed-universal", "universal-copy"
-StateCheck = Callable[[dict[str, Any]], None]
 
 
 def _inferred_topology(directory: str, current: Topology) -> Topology | None:
@@ -167,7 +165,7 @@ def universal_copy_converter(directory: str, run: RunConfig, current: Topology, 
 
     def convert(output: str) -> None:
         checkpoint = read_checkpoint_directory(directory, deepspeed_optimizer=True)
-        if "word_embeddings.weight" not in checkpoint.model:
+        if EMBEDDING not in checkpoint.model:
             raise ConfigError(f"checkpoint {directory} is not a GPT-2 checkpoint (a BERT one?): only GPT-2 "
                               "checkpoints resume at another tensor- or pipeline-parallel size or on the other "
                               "path; resume it at its saved topology")

@@ -32,7 +32,7 @@ from megatron import mpu
 from megatron.checkpoint.convert import (
     Checkpoint,
     partition_spec,
-    pipeline_module_names,
+    pipeline_name_of,
     repad_vocab,
     resharded_rng_states,
 )
@@ -156,7 +156,7 @@ def write_universal(checkpoint: Checkpoint, output: str, target: Topology, targe
     if pipelined:
         num_layers = int(checkpoint.model_config["num_layers"])
         for name in checkpoint.model:
-            os.symlink(name, os.path.join(output, "zero", pipeline_module_names(name, num_layers)))
+            os.symlink(name, os.path.join(output, "zero", pipeline_name_of(name, num_layers)))
 
 
 def _read(path: str) -> Any:

@@ -7,13 +7,10 @@ on CPU ranks, through its universal checkpoints."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from launchers import NO_DROPOUT, TINY_GPT2, losses, run_script
-
-TOLERANCE = 1e-4
+from checkpoint_helpers import close_after_4, resumed_from_4, train_eight_saving_at_4
 
 
 def _train(directory: Path, stage: int, ranks: int, micro_batch: int, *extra: str, offload: bool = False,
@@ -29,24 +26,8 @@ def _train(directory: Path, stage: int, ranks: int, micro_batch: int, *extra: st
                                                            "weight_decay": 0.01}}
     path = directory.parent / f"{directory.name}_ds.json"
     path.write_text(json.dumps(config))
-    args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", "8", "--lr-decay-iters", "20",
-            "--save-interval", "4", "--batch-size", str(micro_batch), "--save", str(directory), "--load",
-            str(directory), "--deepspeed", "--deepspeed_config", str(path), *extra]
-    out = run_script("pretrain_gpt2.py", args, ranks if ranks > 1 else None, timeout=600)
-    return {iteration: float(value) for iteration, value in losses(out.stdout).items()}, out.stdout
-
-
-def _resumed_from_4(tmp_path: Path, straight_dir: Path) -> Path:
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight_dir, resumed)
-    shutil.rmtree(resumed / "iter_0000008")
-    (resumed / "latest_checkpointed_iteration.txt").write_text("4\n")
-    (resumed / "latest").write_text("iter_0000004")
-    return resumed
-
-
-def _close(expected: dict[int, float], got: dict[int, float]) -> bool:
-    return all(abs(got[i] - expected[i]) <= TOLERANCE * abs(expected[i]) for i in range(5, 9))
+    return train_eight_saving_at_4(directory, ranks, "--batch-size", str(micro_batch), "--deepspeed",
+                                   "--deepspeed_config", str(path), *extra)
 
 
 # (stage, ranks, micro batch, flags) before -> after; the global batch stays 4.
@@ -62,9 +43,9 @@ TRANSITIONS = {
 def test_resume_at_another_data_parallel_size_or_stage(transition: str, demo_corpus: Path, tmp_path: Path) -> None:
     before, after = TRANSITIONS[transition]
     expected, _ = _train(tmp_path / "straight", *before)
-    got, stdout = _train(_resumed_from_4(tmp_path, tmp_path / "straight"), *after)
+    got, stdout = _train(resumed_from_4(tmp_path, tmp_path / "straight"), *after)
     assert set(got) == {5, 6, 7, 8}, stdout[-2000:]
-    assert _close(expected, got), (expected, got)
+    assert close_after_4(expected, got), (expected, got)
     assert "resharded checkpoint" in stdout and "through DeepSpeed's universal checkpoint (weights, fp32" in stdout
     assert not list((tmp_path / "resumed").glob(".reshard-*"))  # the universal copy is gone
     assert "Extracting ZeRO fragments" not in stdout  # ds_to_universal's own report is not ours to print
@@ -73,8 +54,8 @@ def test_resume_at_another_data_parallel_size_or_stage(transition: str, demo_cor
 def test_bf16_zero2_offload_to_bf16_zero1(demo_corpus: Path, tmp_path: Path) -> None:
     """bf16 ZeRO 2 with CPU optimizer offload on 2 ranks, resumed as bf16 ZeRO 1 on 1 rank."""
     expected, _ = _train(tmp_path / "straight", 2, 2, 2, offload=True, bf16=True)
-    got, stdout = _train(_resumed_from_4(tmp_path, tmp_path / "straight"), 1, 1, 4, bf16=True)
-    assert _close(expected, got), (expected, got)
+    got, stdout = _train(resumed_from_4(tmp_path, tmp_path / "straight"), 1, 1, 4, bf16=True)
+    assert close_after_4(expected, got), (expected, got)
     assert "ZeRO stage 2, data parallel 2" in stdout and "-> DeepSpeed, ZeRO stage 1, data parallel 1" in stdout
 
 
@@ -82,6 +63,6 @@ def test_the_check_fails_without_the_optimizer_state(demo_corpus: Path, tmp_path
     """The same resume with fresh Adam state (--no-load-optim) misses the tolerance: the test
     above can fail."""
     expected, _ = _train(tmp_path / "straight", 1, 2, 2)
-    got, stdout = _train(_resumed_from_4(tmp_path, tmp_path / "straight"), 1, 1, 4, "--no-load-optim")
+    got, stdout = _train(resumed_from_4(tmp_path, tmp_path / "straight"), 1, 1, 4, "--no-load-optim")
     assert "(weights only (--no-load-optim/--finetune))" in stdout
-    assert not _close(expected, got), (expected, got)
+    assert not close_after_4(expected, got), (expected, got)

@@ -7,13 +7,11 @@ DeepSpeed on CPU ranks, through the universal copy (``megatron.checkpoint.univer
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-from launchers import NO_DROPOUT, TINY_GPT2, losses, run_script
-
-TOLERANCE = 1e-4
+from checkpoint_helpers import close_after_4, resumed_from_4, train_eight_saving_at_4
+from launchers import NO_DROPOUT, TINY_GPT2, run_script
 
 
 def _deepspeed(tmp: Path, name: str, stage: int) -> list[str]:
@@ -46,25 +44,7 @@ def train(directory: Path, topology: str, *extra: str) -> tuple[dict[int, float]
     args = [a for a in arguments if not a.startswith("zero")]
     for flag in (a for a in arguments if a.startswith("zero")):
         args += _deepspeed(directory.parent, directory.name, int(flag[-1]))
-    args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", "8", "--lr-decay-iters", "20",
-            "--save-interval", "4", "--save", str(directory), "--load", str(directory), *args, *extra]
-    out = run_script("pretrain_gpt2.py", args, ranks if ranks > 1 else None, timeout=600)
-    return {iteration: float(value) for iteration, value in losses(out.stdout).items()}, out.stdout
-
-
-def resumed_from_4(tmp_path: Path, straight: Path) -> Path:
-    """A copy of ``straight`` whose newest checkpoint is iteration 4."""
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "iter_0000008")
-    (resumed / "latest_checkpointed_iteration.txt").write_text("4\n")
-    if (resumed / "latest").exists():
-        (resumed / "latest").write_text("iter_0000004")
-    return resumed
-
-
-def close(expected: dict[int, float], got: dict[int, float]) -> bool:
-    return all(abs(got[i] - expected[i]) <= TOLERANCE * abs(expected[i]) for i in range(5, 9))
+    return train_eight_saving_at_4(directory, ranks, *args, *extra)
 
 
 TRANSITIONS = [
@@ -87,7 +67,7 @@ def test_resume_at_another_topology(before: str, after: str, demo_corpus: Path, 
     expected, _ = train(tmp_path / "straight", before)
     got, stdout = train(resumed_from_4(tmp_path, tmp_path / "straight"), after)
     assert set(got) == {5, 6, 7, 8}, stdout[-3000:]
-    assert close(expected, got), (expected, got)
+    assert close_after_4(expected, got), (expected, got)
     assert "resharded checkpoint" in stdout and "through a universal copy" in stdout, stdout[-3000:]
     assert "(weights, fp32 master weights, Adam moments and step, learning-rate schedule)" in stdout
     assert not list((tmp_path / "resumed").glob(".reshard-*"))  # the universal copy is gone
@@ -98,7 +78,7 @@ def test_the_check_fails_without_the_optimizer_state(demo_corpus: Path, tmp_path
     expected, _ = train(tmp_path / "straight", "megatron mp2")
     got, stdout = train(resumed_from_4(tmp_path, tmp_path / "straight"), "megatron mp1", "--no-load-optim")
     assert set(got) == {5, 6, 7, 8} and "weights only" in stdout
-    assert not close(expected, got), (expected, got)
+    assert not close_after_4(expected, got), (expected, got)
 
 
 @pytest.mark.parametrize("stage", [1, 3])
