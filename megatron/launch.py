@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -51,12 +52,16 @@ def free_port() -> int:
 
 
 def _first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``gpu[003-005,007],cpu1`` -> ``gpu003``): from
+    ``scontrol`` where SLURM is installed, else by reading the list's syntax."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        pass
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)  # up to the first comma outside [...]
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first) or "127.0.0.1"
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -103,8 +108,9 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """Rank, world size, local rank and rendezvous address set by the launcher.
 
     Understands torchrun and the ``deepspeed`` launcher (RANK, WORLD_SIZE, LOCAL_RANK), OpenMPI
-    (OMPI_COMM_WORLD_*) and SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID); with none of them
-    it is a single process. Values that cannot form a process group are a ``ConfigError``.
+    (OMPI_COMM_WORLD_*) and SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the first host of
+    SLURM_JOB_NODELIST or SLURM_NODELIST is the master unless MASTER_ADDR is set); with none of
+    them it is a single process. Values that cannot form a process group are a ``ConfigError``.
     """
     env = os.environ if environ is None else environ
     port = env.get("MASTER_PORT", "6000")
@@ -118,7 +124,8 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
                                   _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
                                   port), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
         return _checked(LaunchEnv(_env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"),
                                   _env_int(env, "SLURM_LOCALID", 0), addr, port), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
     return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -133,6 +140,15 @@ def check_master_addr(addr: str) -> None:
         reason = error.strerror if isinstance(error, socket.gaierror) else str(error)
         raise ConfigError(f"MASTER_ADDR={addr!r} cannot be resolved ({reason}); set it to the rank-0 host's name or "
                           "address (127.0.0.1 on one machine)") from None
+
+
+def _round_prefix(parallel: ParallelConfig) -> str:
+    """The store prefix of this group's keys. torchrun may hand every attempt of an elastic job the
+    same store, so the keys of an attempt (the peers' addresses) must be its own, or a new attempt
+    reads a dead rank's. An attempt is named by its restart count and its size: a failure raises
+    the count, and a joining node (which torchrun does not count as a restart) grows the size, so
+    the two never repeat within one job."""
+    return f"megatron/attempt_{parallel.restart_count}/world_{parallel.world_size}"
 
 
 def initialize_distributed(parallel: ParallelConfig) -> None:
@@ -150,9 +166,7 @@ def initialize_distributed(parallel: ParallelConfig) -> None:
     try:
         store, _, _ = next(dist.rendezvous(f"tcp://{parallel.master_addr}:{parallel.master_port}", parallel.rank,
                                            parallel.world_size, timeout=timeout))
-        # torchrun may hand a restarted attempt the store of the failed one: keys of its own (the
-        # peers' addresses) keep the new attempt from reading a dead rank's.
-        store = dist.PrefixStore(f"megatron/attempt_{parallel.restart_count}", store)
+        store = dist.PrefixStore(_round_prefix(parallel), store)
         dist.init_process_group(backend=parallel.distributed_backend, store=store, rank=parallel.rank,
                                 world_size=parallel.world_size, timeout=timeout)
     except dist.DistNetworkError as error:

@@ -86,6 +86,9 @@ fi
 
 # The launcher commands (arrays) of the torchrun and DeepSpeed scripts, from the variables above.
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  # torch 2.13's c10d rendezvous shares one TCP store across rounds and hangs when a node joins a
+  # running job; a store per round does not (docs/training.md, "An elastic run").
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
   TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "${MIN_NODES:-$NNODES}:$NNODES"
             --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
             --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ TOKENIZER = ["--vocab-file", str(DEMO_DIR / "gpt2-vocab.json"), "--merge-file", 
 DIVISIBLE = ["--make-vocab-size-divisible-by", "40"]
 
 __all__ = ["DEMO_DIR", "DIVISIBLE", "ENV", "NO_DROPOUT", "REPO", "TINY_GPT2", "TOKENIZER", "assert_losses_close",
-           "assert_one_line_error", "command", "free_port", "losses", "run_script", "run_tool", "run_training"]
+           "assert_one_line_error", "command", "free_port", "kill_node", "losses", "run_script", "run_tool", "run_training",
+           "start_node"]
 
 
 def command(script: str, args: list[str], nprocs: int | None = None) -> list[str]:
@@ -89,3 +91,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
+
+
+def start_node(launcher: list[str], script: str, args: list[str], log: Path,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """One "node": ``launcher`` (e.g. ``torchrun --nnodes 2 --node_rank 1 ...``) running ``script
+    args`` in a session of its own, its output in ``log``."""
+    with open(log, "w") as handle:  # the child keeps its own descriptor
+        return subprocess.Popen([*launcher, script, *args], cwd=REPO, env=env or ENV, stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL a node's launcher and its children (torchrun starts each worker in a session of its own)."""
+    children = subprocess.run(["pgrep", "-P", str(node.pid)], capture_output=True, text=True).stdout.split()
+    for pid in [node.pid, *map(int, children)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

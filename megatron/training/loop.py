@@ -19,9 +19,11 @@ from torch import nn
 
 from megatron.backends import Backend, ForwardStep, PipelineBatchFn, StepResult, build_backend
 from megatron.backends.base import average_over_data_parallel
+from megatron.checkpoint.layout import Topology, checkpoint_tag
 from megatron.checkpoint.protocol import load_checkpoint, open_save_directory, save_checkpoint
+from megatron.checkpoint.reshard import saved_topology
 from megatron.checkpoint.rng import set_rng_states
-from megatron.config import RunConfig
+from megatron.config import ParallelConfig, RunConfig
 from megatron.errors import TrainingAborted
 from megatron.launch import initialize_megatron
 from megatron.model.gpt2_pipe import PipelineDescription
@@ -278,6 +280,30 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
             lock.release()
 
 
+def restart_note(parallel: ParallelConfig, saved_world_size: int | None, iteration: int) -> str | None:
+    """Why this group was started again and where it resumed (None on a plain start):
+    torchrun's restart after a failure, or a checkpoint written by another number of ranks (an
+    elastic torchrun restarts the group when a node joins, without counting a restart)."""
+    where = f"resumed at iteration {iteration} on {parallel.world_size} ranks"
+    if saved_world_size is not None and saved_world_size != parallel.world_size:
+        where += f" from a checkpoint written by {saved_world_size} ranks"
+    if parallel.restart_count:
+        return (f" > restart {parallel.restart_count} of at most {parallel.max_restarts} (torchrun): a rank or node "
+                f"of the previous attempt failed or stopped making progress (its last lines say which); {where}")
+    if saved_world_size is not None and saved_world_size != parallel.world_size:
+        return (f" > the group changed size: {where} (an elastic torchrun restarts the group when a node joins, "
+                "without counting it as a restart)")
+    return None
+
+
+def _saved_world_size(run: RunConfig, backend: Backend, iteration: int) -> int | None:
+    """How many ranks wrote the checkpoint this run resumed from (None: none, or not recorded)."""
+    if not run.checkpoint.load or iteration == 0:
+        return None
+    saved = saved_topology(os.path.join(run.checkpoint.load, checkpoint_tag(iteration)), Topology.of(run, backend.name))
+    return None if saved is None else saved.data_parallel_size * saved.model_parallel_size * saved.pipe_parallel_size
+
+
 def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
               forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None) -> TrainState:
     record_experiment(run)
@@ -290,10 +316,9 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         if note:
             print_rank_0(note)
     parallel = run.parallel
-    if parallel.restart_count:
-        print_rank_0(f" > restart {parallel.restart_count} of at most {parallel.max_restarts} (torchrun): the previous "
-                     f"attempt stopped (its ranks' last lines say why); resumed at iteration {state.iteration} on "
-                     f"{parallel.world_size} ranks")
+    note = restart_note(parallel, _saved_world_size(run, backend, state.iteration), state.iteration)
+    if note:
+        print_rank_0(note)
     print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
                  f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "
                  f"backend {backend.name}")

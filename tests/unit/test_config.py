@@ -223,3 +223,17 @@ def test_an_elastic_restart_is_known() -> None:
     run = build_run_config(args, vocab_size=8000, eod_token=7999, environ=environ)
     assert (run.parallel.restart_count, run.parallel.max_restarts) == (1, 3)
     assert _run().parallel.restart_count == 0
+
+
+@pytest.mark.parametrize("environ,master", [
+    ({"SLURM_JOB_NODELIST": "gpu[003-005,007],cpu1"}, "gpu003"),
+    ({"SLURM_NODELIST": "node7,node8"}, "node7"),  # srun steps outside sbatch set only this one
+    ({"SLURM_NODELIST": "a[1-2]b[3-4]"}, "a1b3"),
+    ({"SLURM_NODELIST": "n[1-2]", "MASTER_ADDR": "head"}, "head"),
+    ({}, "127.0.0.1"),
+], ids=["job list", "step list", "two ranges", "master addr wins", "no list"])
+def test_slurm_master_is_the_first_host_of_the_node_list(environ: dict[str, str], master: str) -> None:
+    from megatron.launch import read_launch_env
+
+    launch = read_launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", **environ})
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr) == (1, 2, 0, master)
