@@ -131,6 +131,18 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+def shared_rendezvous_store_note(environ: Mapping[str, str] | None = None) -> str | None:
+    """A note for a run under torchrun's c10d rendezvous with its shared store, in which a node
+    that joins the running job hangs it (torch 2.13: the new round's master address is never
+    published to the joining node); None otherwise."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("TORCHELASTIC_RUN_ID", "none") in ("", "none"):
+        return None  # not torchrun, a store per round, or the static (fixed master) rendezvous
+    return (" note: torchrun's c10d rendezvous shares one store across rounds here, and a node that joins this job "
+            "would hang it; launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the launch scripts do) for an elastic "
+            "run that may grow")
+
+
 def check_master_addr(addr: str) -> None:
     """ConfigError unless ``MASTER_ADDR`` resolves (torch's rendezvous otherwise retries until
     the collective timeout, 10 minutes by default)."""

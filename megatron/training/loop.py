@@ -25,7 +25,7 @@ from megatron.checkpoint.reshard import saved_topology
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import ParallelConfig, RunConfig
 from megatron.errors import TrainingAborted
-from megatron.launch import initialize_megatron
+from megatron.launch import initialize_megatron, shared_rendezvous_store_note
 from megatron.model.gpt2_pipe import PipelineDescription
 from megatron.training.data import DataIterators, DataPosition, DataProvider
 from megatron.training.exit import ExitConditions, TimedSaves
@@ -58,6 +58,7 @@ class TrainState:
     consecutive_skipped: torch.Tensor | None = None  # the current run of skipped steps
     longest_skipped_run: torch.Tensor | None = None  # since the last check
     stopped_early: bool = False
+    saved_iteration: int | None = None  # the iteration this run last checkpointed
     last_grad_norm: torch.Tensor | None = None
     last_skipped: torch.Tensor | None = None
 
@@ -228,6 +229,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
             _check_skips(state, run)
             save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            state.saved_iteration = state.iteration
             timed_saves.saved()
             watchdog.beat()
             interval_start = time.perf_counter()
@@ -316,9 +318,10 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         if note:
             print_rank_0(note)
     parallel = run.parallel
-    note = restart_note(parallel, _saved_world_size(run, backend, state.iteration), state.iteration)
-    if note:
-        print_rank_0(note)
+    for note in (restart_note(parallel, _saved_world_size(run, backend, state.iteration), state.iteration),
+                 shared_rendezvous_store_note()):
+        if note:
+            print_rank_0(note)
     print_rank_0(f" > training with {parallel.world_size} ranks: model parallel {parallel.model_parallel_size}, "
                  f"data parallel {parallel.data_parallel_size}, global batch {run.global_batch_size}, "
                  f"backend {backend.name}")
@@ -334,7 +337,7 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         state = train(backend, data, run, state, nan_injection)
         if state.stopped_early:
             return state
-        if run.checkpoint.save and state.iteration % run.checkpoint.save_interval != 0:
+        if run.checkpoint.save and state.saved_iteration != state.iteration:  # not saved by an interval
             save_checkpoint(run, backend, state.iteration, state.consumed_samples)
     if data.do_valid:
         evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",

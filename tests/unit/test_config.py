@@ -237,3 +237,16 @@ def test_slurm_master_is_the_first_host_of_the_node_list(environ: dict[str, str]
 
     launch = read_launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", **environ})
     assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr) == (1, 2, 0, master)
+
+
+@pytest.mark.parametrize("environ,noted", [
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "job7"}, True),  # c10d, shared store
+    ({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RUN_ID": "job7"}, False),  # a store per round
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "none"}, False),  # fixed master
+    ({}, False),
+], ids=["shared", "per round", "static", "no torchrun"])
+def test_a_shared_rendezvous_store_is_noted(environ: dict[str, str], noted: bool) -> None:
+    from megatron.launch import shared_rendezvous_store_note
+
+    note = shared_rendezvous_store_note(environ)
+    assert (note is not None) == noted and (note is None or "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in note)
