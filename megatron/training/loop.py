@@ -87,22 +87,27 @@ class NanInjection:
         return loss * float("nan") if self.iteration in self.iterations else loss
 
 
-def evaluate(backend: Backend, data_iterator: Iterator | None, run: RunConfig) -> float:
-    """Mean loss over ``--eval-iters`` batches, averaged over data-parallel ranks."""
+def evaluate(backend: Backend, data_iterator: Iterator | None, run: RunConfig,
+             progress: Callable[[], None] | None = None) -> float:
+    """Mean loss over ``--eval-iters`` batches, averaged over data-parallel ranks; ``progress()``
+    after each batch (the progress watchdog's beat)."""
     eval_iters = run.training.eval_iters
     backend.eval()
     total = torch.zeros((), device=run.device)
     with torch.no_grad():
         for _ in range(eval_iters):
             total += backend.eval_loss(data_iterator).detach().float()
+            if progress is not None:
+                progress()
     backend.train()
     return average_over_data_parallel(total / max(eval_iters, 1)).item()
 
 
 def evaluate_and_print_results(prefix: str, backend: Backend, data_iterator: Iterator | None, run: RunConfig,
-                               writer: Any = None, iteration: int = 0) -> float:
+                               writer: Any = None, iteration: int = 0,
+                               progress: Callable[[], None] | None = None) -> float:
     """Every rank calls it; ranks other than model-parallel rank 0 pass a None iterator."""
-    loss = evaluate(backend, data_iterator, run)
+    loss = evaluate(backend, data_iterator, run, progress)
     ppl = math.exp(min(20.0, loss))
     line = f" validation loss at {prefix} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
     print_rank_0("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
@@ -228,10 +233,10 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         timed = checkpoint.save is not None and timed_saves.due()
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
             _check_skips(state, run)
-            save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            with watchdog.writing(checkpoint.save):
+                save_checkpoint(run, backend, state.iteration, state.consumed_samples)
             state.saved_iteration = state.iteration
             timed_saves.saved()
-            watchdog.beat()
             interval_start = time.perf_counter()
         if stop:
             print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
@@ -240,7 +245,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
             break
         if data.do_valid and state.iteration % training.eval_interval == 0:
             evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, writer,
-                                       state.iteration)
+                                       state.iteration, watchdog.beat)
             watchdog.beat()
             interval_start = time.perf_counter()
     if not state.stopped_early:

@@ -83,3 +83,55 @@ def test_a_bad_timeout_is_one_line(value: str, demo_corpus: Path, tmp_path: Path
 
     result = run_script("pretrain_gpt2.py", [*TINY_GPT2, "--progress-timeout-minutes", value], None, check=False)
     assert_one_line_error(result, "--progress-timeout-minutes must be >= 0")
+
+
+SLOW_SAVE = '''
+import io, os, time, torch
+_save = torch.save
+def _slow_save(obj, f, *args, **kwargs):
+    if ".tmp" not in str(getattr(f, "name", f)):
+        return _save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    _save(obj, buffer, *args, **kwargs)
+    data, seconds = buffer.getvalue(), float(os.environ["SLOW_SAVE_S"])
+    if os.environ["SLOW_SAVE"] == "stuck":
+        time.sleep(seconds)
+    for i in range(10):
+        f.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+        f.flush()
+        if os.environ["SLOW_SAVE"] == "writing":
+            time.sleep(seconds / 10)
+torch.save = _slow_save
+'''
+
+
+def _slow_save_run(tmp_path: Path, how: str) -> subprocess.CompletedProcess:
+    """A run with --progress-timeout-minutes 0.05 (3 s) whose checkpoint files take 6 s to write:
+    steadily ("writing") or after 6 s of nothing ("stuck", a hung file system)."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SAVE)
+    env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{REPO}", "SLOW_SAVE": how, "SLOW_SAVE_S": "6"}
+    args = [*TINY_GPT2, "--eval-iters", "0", "--train-iters", "4", "--batch-size", "2", "--save",
+            str(tmp_path / "ckpt"), "--save-interval", "2", "--progress-timeout-minutes", "0.05"]
+    return subprocess.run([sys.executable, "pretrain_gpt2.py", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_slow_checkpoint_that_keeps_writing_is_progress(demo_corpus: Path, tmp_path: Path) -> None:
+    result = _slow_save_run(tmp_path, "writing")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "iter_0000002" / "complete").is_file()
+
+
+def test_a_checkpoint_stuck_on_the_file_system_ends_the_run(demo_corpus: Path, tmp_path: Path) -> None:
+    result = _slow_save_run(tmp_path, "stuck")
+    assert result.returncode == 1 and "no training progress for" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "iter_0000002").exists()  # the staging is never taken for a checkpoint
+
+
+def test_a_long_evaluation_is_progress(demo_corpus: Path, tmp_path: Path) -> None:
+    """Evaluation batches count as progress: 1500 of them take longer than the 3 s timeout."""
+    from launchers import run_script
+
+    run_script("pretrain_gpt2.py", [*TINY_GPT2, "--train-iters", "3", "--batch-size", "2", "--eval-interval", "2",
+                                    "--eval-iters", "1500", "--progress-timeout-minutes", "0.05"])
