@@ -8,8 +8,9 @@
 #   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   (several nodes: run the script on each)
 #   RDZV_ENDPOINT=host:port  torchrun scripts: elastic c10d rendezvous instead of a fixed master, with
 #                            MIN_NODES (default NNODES) to NNODES nodes and MAX_RESTARTS (default 3)
-#   HOSTFILE=path            DeepSpeed scripts: DeepSpeed's "host slots=N" file, started over ssh (PDSH);
-#                            NO_SSH=1 starts only this node (run the script on each, NODE_RANK set)
+#   HOSTFILE=path            DeepSpeed scripts: DeepSpeed's "host slots=N" file, started over ssh (PDSH)
+#                            on its first NNODES hosts (default: all); NO_SSH=1 starts only this node
+#                            (run the script on each, NODE_RANK set)
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -23,12 +24,26 @@ else
   DEFAULT_PRECISION=fp32
 fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS}
+NNODES_GIVEN=${NNODES:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-$(python -c "import socket; s=socket.socket(); s.bind(('',0)); print(s.getsockname()[1])")}
 PRECISION=${PRECISION:-$DEFAULT_PRECISION}
 MODEL=${MODEL:-demo}
+
+# One line and exit 2 for a launcher variable the launchers cannot use (they would hang or print a
+# traceback). Usage: check_int NAME MIN MAX [WHY]
+check_int() {
+  local name=$1 min=$2 max=$3 why=${4:-} value=${!1}
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "${#value}" -gt 9 ] || [ "$value" -lt "$min" ] || [ "$value" -gt "$max" ]; then
+    echo "error: $name=$value must be an integer from $min to $max${why:+ ($why)}" >&2
+    exit 2
+  fi
+}
+check_int GPUS_PER_NODE 1 4096 "ranks per node"
+check_int NNODES 1 100000
+check_int MASTER_PORT 1 65535 "a TCP port"
 
 case "$MODEL" in
   demo) LAYERS=4;  HIDDEN=256;  HEADS=8;  SEQ=128;  DEF_BATCH=8; DEF_ITERS=150; DEF_LR=1e-3 ;;
@@ -86,21 +101,44 @@ fi
 
 # The launcher commands (arrays) of the torchrun and DeepSpeed scripts, from the variables above.
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
+  MIN_NODES=${MIN_NODES:-$NNODES}
+  MAX_RESTARTS=${MAX_RESTARTS:-3}
+  check_int MIN_NODES 1 "$NNODES" "the fewest nodes the elastic run continues with, at most NNODES=$NNODES"
+  check_int MAX_RESTARTS 0 100000
+  if [[ "$RDZV_ENDPOINT" == *:* ]]; then
+    RDZV_PORT=${RDZV_ENDPOINT##*:}
+    check_int RDZV_PORT 1 65535 "the port of RDZV_ENDPOINT=$RDZV_ENDPOINT"
+  fi
   # torch 2.13's c10d rendezvous shares one TCP store across rounds and hangs when a node joins a
   # running job; a store per round does not (docs/training.md, "An elastic run").
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "${MIN_NODES:-$NNODES}:$NNODES"
-            --max-restarts "${MAX_RESTARTS:-3}" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$MIN_NODES:$NNODES"
+            --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
             --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")
 else
   TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 fi
 if [ -n "${HOSTFILE:-}" ]; then
-  [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE does not exist (one 'host slots=N' line per node)" >&2; exit 2; }
+  [ -e "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE does not exist (one 'host slots=N' line per node)" >&2; exit 2; }
+  [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE is not a file (one 'host slots=N' line per node)" >&2; exit 2; }
+  HOSTS=0
+  while read -r line || [ -n "$line" ]; do
+    line=${line%%#*}
+    [ -z "${line// /}" ] && continue
+    if ! [[ "$line" =~ ^[[:space:]]*[^[:space:]]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]]; then
+      echo "error: HOSTFILE $HOSTFILE has a line that is not 'host slots=N' (N at least 1): '$line'" >&2
+      exit 2
+    fi
+    HOSTS=$((HOSTS + 1))
+  done < "$HOSTFILE"
+  [ "$HOSTS" -gt 0 ] || { echo "error: HOSTFILE $HOSTFILE lists no host (one 'host slots=N' line per node)" >&2; exit 2; }
+  NNODES=${NNODES_GIVEN:-$HOSTS}  # every host of the file unless NNODES says fewer
+  check_int NNODES 1 "$HOSTS" "the nodes to use, at most the $HOSTS hosts of HOSTFILE $HOSTFILE"
   DEEPSPEED=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
              --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
   if [ "${NO_SSH:-0}" = 1 ]; then DEEPSPEED+=(--no_ssh --node_rank "$NODE_RANK"); fi
 else
   DEEPSPEED=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
 fi
+check_int NODE_RANK 0 $((10#$NNODES - 1)) "this node's number, counted from 0, below NNODES=$NNODES"
