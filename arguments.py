@@ -202,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _require_positive(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not 0 < value < math.inf:  # nan and inf too
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag} must be positive, got {value}")
+            finite = " and finite" if value == math.inf else ""
+            raise ConfigError(f"{flag} must be positive{finite}, got {value}")
 
 
 def validate_model_args(args: argparse.Namespace) -> None:
@@ -463,7 +464,8 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
     if not args.deepspeed:
         return DeepSpeedConfig(), requested or 1, precision.dtype
     config = read_deepspeed_json(args.deepspeed_config)
-    accumulation = resolve_deepspeed_batch(config, args.batch_size, parallel.data_parallel_size, requested)
+    accumulation = resolve_deepspeed_batch(config, args.batch_size, parallel.data_parallel_size, requested,
+                                           args.global_batch_size)
     dtype = resolve_deepspeed_precision(config, precision, torch.cuda.is_available())
     config.setdefault("gradient_clipping", args.clip_grad)
     config.setdefault("steps_per_print", 10**9)  # the training loop logs

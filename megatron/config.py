@@ -233,23 +233,28 @@ def build_parallel_config(launch: LaunchEnv, model_parallel_size: int, pipe_para
 
 
 def resolve_deepspeed_batch(config: dict[str, Any], micro: int, data_parallel: int,
-                            accumulation: int | None) -> int:
+                            accumulation: int | None, global_batch: int | None = None) -> int:
     """Derive micro batch, accumulation and global batch from each other; contradictions fail.
 
-    ``micro`` is ``--batch-size`` (per data-parallel rank), ``accumulation`` the flag (None: not
-    given). Fills the three batch keys of ``config``; returns the gradient accumulation steps.
+    ``micro`` is ``--batch-size`` (per data-parallel rank), ``accumulation`` the flag's or the one
+    ``--global-batch-size`` (``global_batch``) implies (None: neither given). Fills the three batch
+    keys of ``config``; returns the gradient accumulation steps.
     """
     config_micro = config.get("train_micro_batch_size_per_gpu")
     config_total = config.get("train_batch_size")
     config_accum = config.get("gradient_accumulation_steps")
-    numbers = (f"--batch-size {micro}, data-parallel size {data_parallel}, --gradient-accumulation-steps "
-               f"{accumulation}; config train_batch_size {config_total}, "
-               f"train_micro_batch_size_per_gpu {config_micro}, gradient_accumulation_steps {config_accum}")
+    requested = (f"--global-batch-size {global_batch} (gradient accumulation {accumulation})" if global_batch
+                 else f"--gradient-accumulation-steps {accumulation}")
+    numbers = (f"--batch-size {micro}, data-parallel size {data_parallel}, {requested}; config train_batch_size "
+               f"{config_total}, train_micro_batch_size_per_gpu {config_micro}, gradient_accumulation_steps "
+               f"{config_accum}")
     if config_micro is not None and config_micro != micro:
         raise ConfigError(f"batch sizes disagree ({numbers}): the config's micro batch must equal --batch-size; "
                           "drop train_micro_batch_size_per_gpu from the config or fix --batch-size")
     if accumulation is not None and config_accum is not None and accumulation != config_accum:
-        raise ConfigError(f"batch sizes disagree ({numbers}): gradient accumulation differs")
+        fix = ("drop gradient_accumulation_steps and train_batch_size from the config (--global-batch-size "
+               "sets them)" if global_batch else "make them agree, or drop one")
+        raise ConfigError(f"batch sizes disagree ({numbers}): gradient accumulation differs; {fix}")
     accum = accumulation or config_accum
     if accum is None:
         accum = config_total // (micro * data_parallel) if config_total else 1

@@ -53,15 +53,28 @@ def free_port() -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list (``gpu[003-005,007],cpu1`` -> ``gpu003``): from
-    ``scontrol`` where SLURM is installed, else by reading the list's syntax."""
+    ``scontrol`` where SLURM is installed, else by reading the list's syntax ("" if it names none)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
-    first = re.match(r"(?:[^,\[]|\[[^\]]*\])*", nodelist.strip()).group(0)  # up to the first comma outside [...]
-    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first) or "127.0.0.1"
+    first = re.match(r"(?:[^,\[\]]|\[[^\]]*\])*", nodelist.strip()).group(0)  # up to the first comma outside [...]
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+
+
+def _slurm_master(env: Mapping[str, str]) -> str:
+    """The first host of SLURM's node list (127.0.0.1 without one); a list naming no host is a
+    ConfigError."""
+    for name in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        if name in env:
+            host = _first_slurm_host(env[name])
+            if not host or not re.fullmatch(r"[\w.:-]+", host):
+                raise ConfigError(f"{name}={env[name]!r} names no host to rendezvous at; fix it, or set MASTER_ADDR "
+                                  "to the first node's host name")
+            return host
+    return "127.0.0.1"
 
 
 def _env_int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
@@ -124,8 +137,7 @@ def read_launch_env(environ: Mapping[str, str] | None = None) -> LaunchEnv:
                                   _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0), env.get("MASTER_ADDR", "127.0.0.1"),
                                   port), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
-        addr = env.get("MASTER_ADDR") or _first_slurm_host(nodelist)
+        addr = env.get("MASTER_ADDR") or _slurm_master(env)
         return _checked(LaunchEnv(_env_int(env, "SLURM_PROCID"), _env_int(env, "SLURM_NTASKS"),
                                   _env_int(env, "SLURM_LOCALID", 0), addr, port), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
     return _checked(LaunchEnv(0, 1, 0, "127.0.0.1", env.get("MASTER_PORT") or str(free_port())), ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -250,3 +250,28 @@ def test_a_shared_rendezvous_store_is_noted(environ: dict[str, str], noted: bool
 
     note = shared_rendezvous_store_note(environ)
     assert (note is not None) == noted and (note is None or "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in note)
+
+
+@pytest.mark.parametrize("value,message", [("nan", "must be positive, got nan"),
+                                           ("inf", "must be positive and finite, got inf")])
+def test_save_interval_minutes_refuses_nan_and_inf(value: str, message: str) -> None:
+    """nan passed the old `value <= 0` check and silently never saved."""
+    from arguments import validate_training_args
+
+    with pytest.raises(ConfigError, match=f"--save-interval-minutes {message}"):
+        validate_training_args(build_parser().parse_args([*MODEL, "--save-interval-minutes", value]))
+
+
+@pytest.mark.parametrize("nodelist", ["", ",,,", "[bad", "]"])
+def test_a_slurm_node_list_naming_no_host_is_a_config_error(nodelist: str) -> None:
+    from megatron.launch import read_launch_env
+
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST=.* names no host to rendezvous at"):
+        read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": nodelist})
+
+
+def test_a_global_batch_conflict_with_the_deepspeed_config_names_the_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"--global-batch-size 8 \(gradient accumulation 4\).*gradient accumulation "
+                                          r"differs; drop gradient_accumulation_steps"):
+        _run("--batch-size", "2", "--global-batch-size", "8",
+             *_ds_config(tmp_path, {"gradient_accumulation_steps": 2}))
