@@ -166,12 +166,17 @@ def check_master_addr(addr: str) -> None:
                           "address (127.0.0.1 on one machine)") from None
 
 
-def _round_prefix(parallel: ParallelConfig) -> str:
-    """The store prefix of this group's keys. torchrun may hand every attempt of an elastic job the
-    same store, so the keys of an attempt (the peers' addresses) must be its own, or a new attempt
-    reads a dead rank's. An attempt is named by its restart count and its size: a failure raises
-    the count, and a joining node (which torchrun does not count as a restart) grows the size, so
-    the two never repeat within one job."""
+def _round_prefix(parallel: ParallelConfig, environ: Mapping[str, str] | None = None) -> str:
+    """The store prefix of this group's keys. Under torchrun's agent store (a fixed master, or
+    the c10d rendezvous sharing its store) every attempt of a job meets in the same store, so the
+    keys of an attempt (the peers' addresses) must be its own, or a new attempt reads a dead
+    rank's: they are named by the restart count, which the agents of such a job count alike, and
+    the size. Otherwise (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, other launchers) each attempt has a
+    fresh store, and the restart count must not be used: a node that joined later has counted
+    fewer restarts than the others."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return "megatron"
     return f"megatron/attempt_{parallel.restart_count}/world_{parallel.world_size}"
 
 
@@ -199,6 +204,19 @@ def initialize_distributed(parallel: ParallelConfig) -> None:
                               "another process (another job?): pick a free port, or unset MASTER_PORT for a "
                               "single process") from None
         raise
+
+
+def restart_counts(parallel: ParallelConfig) -> tuple[int, int]:
+    """The fewest and the most restarts the ranks' torchrun agents have counted (collective). They
+    differ when a node joined after a failure: its agent is new and has counted none."""
+    if not dist.is_initialized() or parallel.world_size == 1:
+        return parallel.restart_count, parallel.restart_count
+    device = "cuda" if parallel.distributed_backend == "nccl" else "cpu"
+    fewest = torch.tensor([parallel.restart_count], dtype=torch.int64, device=device)
+    most = fewest.clone()
+    dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(fewest.item()), int(most.item())
 
 
 def set_random_seed(seed: int) -> None:

@@ -25,7 +25,7 @@ from megatron.checkpoint.reshard import saved_topology
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import ParallelConfig, RunConfig
 from megatron.errors import TrainingAborted
-from megatron.launch import initialize_megatron, shared_rendezvous_store_note
+from megatron.launch import initialize_megatron, restart_counts, shared_rendezvous_store_note
 from megatron.model.gpt2_pipe import PipelineDescription
 from megatron.training.data import DataIterators, DataPosition, DataProvider
 from megatron.training.exit import ExitConditions, TimedSaves
@@ -287,19 +287,28 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
             lock.release()
 
 
-def restart_note(parallel: ParallelConfig, saved_world_size: int | None, iteration: int) -> str | None:
-    """Why this group was started again and where it resumed (None on a plain start):
-    torchrun's restart after a failure, or a checkpoint written by another number of ranks (an
-    elastic torchrun restarts the group when a node joins, without counting a restart)."""
-    where = f"resumed at iteration {iteration} on {parallel.world_size} ranks"
-    if saved_world_size is not None and saved_world_size != parallel.world_size:
-        where += f" from a checkpoint written by {saved_world_size} ranks"
+def restart_note(parallel: ParallelConfig, saved_world_size: int | None, iteration: int,
+                 restarts: tuple[int, int] = (0, 0)) -> str | None:
+    """Why this group was started again and where it resumed (None on a plain start).
+
+    ``restarts`` are the fewest and most restarts the ranks' agents counted. A node joined when
+    the group is larger than the checkpoint's writer or when the counts differ (the new node's
+    agent has counted none: an elastic torchrun restarts the group for a joining node without
+    counting a restart); otherwise a count means a failure; a smaller group without one was
+    relaunched at that size.
+    """
+    world = parallel.world_size
+    written = "" if saved_world_size in (None, world) else f" from a checkpoint written by {saved_world_size} ranks"
+    fewest, most = restarts
+    if (saved_world_size is not None and saved_world_size < world) or fewest != most:
+        return (f" > the group grew to {world} ranks: a node joined, and an elastic torchrun restarts the group for "
+                f"it without counting a restart; resumed at iteration {iteration}{written}")
     if parallel.restart_count:
         return (f" > restart {parallel.restart_count} of at most {parallel.max_restarts} (torchrun): a rank or node "
-                f"of the previous attempt failed or stopped making progress (its last lines say which); {where}")
-    if saved_world_size is not None and saved_world_size != parallel.world_size:
-        return (f" > the group changed size: {where} (an elastic torchrun restarts the group when a node joins, "
-                "without counting it as a restart)")
+                f"of the previous attempt failed or stopped making progress (its last lines say which); resumed at "
+                f"iteration {iteration} on {world} ranks{written}")
+    if written:
+        return f" > the group changed size: resumed at iteration {iteration} on {world} ranks{written}"
     return None
 
 
@@ -323,7 +332,8 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         if note:
             print_rank_0(note)
     parallel = run.parallel
-    for note in (restart_note(parallel, _saved_world_size(run, backend, state.iteration), state.iteration),
+    restarts = restart_counts(parallel)
+    for note in (restart_note(parallel, _saved_world_size(run, backend, state.iteration), state.iteration, restarts),
                  shared_rendezvous_store_note()):
         if note:
             print_rank_0(note)

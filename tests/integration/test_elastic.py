@@ -28,7 +28,7 @@ from launchers import ENV, NO_DROPOUT, TINY_GPT2, free_port, kill_node, losses, 
 ITERS = 24
 PATHS = {"megatron": None, "deepspeed zero1": {"zero_optimization": {"stage": 1}}}
 LOST = "restart 1 of at most 1 (torchrun)"
-JOINED = "the group changed size"
+JOINED = "the group grew to 2 ranks"
 
 
 # torch 2.13's c10d rendezvous shares one TCP store across rounds and, on a joining node, never
@@ -51,9 +51,25 @@ def _wait_for_iteration(iteration: int, logs: list[Path], node: subprocess.Popen
         time.sleep(0.05)
 
 
+def _join_while_paused(node_a: subprocess.Popen, log_a: Path, port: int, args: list[str],
+                       log: Path) -> subprocess.Popen:
+    """Start a node that joins node A's job: node A's worker waits (SIGSTOP) until its agent
+    stops it to take the new node in (a node needs seconds to start, the tiny run would be over)."""
+    worker = int(subprocess.run(["pgrep", "-P", str(node_a.pid)], capture_output=True, text=True).stdout.split()[0])
+    stops = log_a.read_text().count("closing signal SIGTERM")
+    os.kill(worker, signal.SIGSTOP)
+    node = _agent(port, args, log)
+    deadline = time.monotonic() + 120
+    while log_a.read_text().count("closing signal SIGTERM") == stops and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGCONT)
+    return node
+
+
 def two_nodes(tmp_path: Path, name: str, path: str, event: str | None) -> str:
     """Both nodes' logs, from a run where node B is there throughout (``event`` None), is killed
-    after iteration 5 ("lost") or joins after node A's iteration 5 ("joined")."""
+    after iteration 5 ("lost"), joins after node A's iteration 5 ("joined"), or is killed after
+    iteration 5 and started again once node A continues alone ("lost and back")."""
     save = tmp_path / name
     args = [*TINY_GPT2, *NO_DROPOUT, "--eval-iters", "0", "--train-iters", str(ITERS), "--save-interval", "4",
             "--batch-size", "2", "--global-batch-size", "4", "--save", str(save), "--load", str(save)]
@@ -62,36 +78,33 @@ def two_nodes(tmp_path: Path, name: str, path: str, event: str | None) -> str:
         config.write_text(json.dumps(PATHS[path]))
         args += ["--deepspeed", "--deepspeed_config", str(config)]
     port = free_port()
-    logs = [tmp_path / f"{name}_a.log", tmp_path / f"{name}_b.log"]
+    logs = [tmp_path / f"{name}_a.log", tmp_path / f"{name}_b.log", tmp_path / f"{name}_b_again.log"]
     node_a = _agent(port, args, logs[0])
-    node_b = None
+    nodes = [node_a]
     try:
         if event == "joined":
-            # Node B needs seconds to start: node A's worker waits (SIGSTOP) until its agent stops it
-            # to take B in, so the run is still training when the group grows.
             _wait_for_iteration(5, logs[:1], node_a)
-            worker = int(subprocess.run(["pgrep", "-P", str(node_a.pid)], capture_output=True,
-                                        text=True).stdout.split()[0])
-            os.kill(worker, signal.SIGSTOP)
-            node_b = _agent(port, args, logs[1])
-            deadline = time.monotonic() + 120
-            while "closing signal SIGTERM" not in logs[0].read_text() and time.monotonic() < deadline:
-                time.sleep(0.1)
-            os.kill(worker, signal.SIGCONT)
+            nodes.append(_join_while_paused(node_a, logs[0], port, args, logs[1]))
         else:
             time.sleep(1)
-            node_b = _agent(port, args, logs[1])
-        if event == "lost":
-            _wait_for_iteration(5, logs, node_a)
-            kill_node(node_b)
+            nodes.append(_agent(port, args, logs[1]))
+        if event in ("lost", "lost and back"):
+            _wait_for_iteration(5, logs[:2], node_a)
+            kill_node(nodes[1])
+        if event == "lost and back":
+            deadline = time.monotonic() + 300
+            while LOST not in logs[0].read_text():
+                assert time.monotonic() < deadline and node_a.poll() is None, logs[0].read_text()[-3000:]
+                time.sleep(0.05)
+            nodes.append(_join_while_paused(node_a, logs[0], port, args, logs[2]))
         assert node_a.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
-        if event != "lost":
-            assert node_b.wait(timeout=60) == 0, logs[1].read_text()[-3000:]
+        for node, log in zip(nodes[1:], logs[1:]):
+            if node is not nodes[1] or event not in ("lost", "lost and back"):
+                assert node.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
-        for node in (node_a, node_b):
-            if node is not None:
-                kill_node(node)
-    return "\n".join(log.read_text() for log in logs)
+        for node in nodes:
+            kill_node(node)
+    return "\n".join(log.read_text() for log in logs if log.exists())
 
 
 _STRAIGHT: dict[str, dict[int, str]] = {}
@@ -129,13 +142,27 @@ def test_an_added_node_continues_at_twice_the_size(path: str, demo_corpus: Path,
     expected = _straight(path, tmp_path)
     log = two_nodes(tmp_path, "joined", path, "joined")
     before, after = log.split(JOINED)
-    resumed = re.search(r"resumed at iteration (\d+) on 2 ranks from a checkpoint written by 1 ranks", after)
+    resumed = re.search(r"resumed at iteration (\d+) from a checkpoint written by 1 ranks", after)
     assert resumed and int(resumed.group(1)) == 4, log[-3000:]
     assert "data parallel 1, global batch 4" in before and "data parallel 2, global batch 4" in after
     got = losses(after)
     assert set(got) == set(range(int(resumed.group(1)) + 1, ITERS + 1)), log[-3000:]
     _assert_close(got, expected)
     _assert_close(losses(before), expected)  # the first round, alone at data parallel 1
+
+
+def test_a_lost_node_that_comes_back_rejoins(demo_corpus: Path, tmp_path: Path) -> None:
+    """Node B, killed, is started again while node A runs alone: the group grows back to two ranks
+    (node A's agent has counted a restart, the new node's has not) and finishes with the straight
+    run's losses."""
+    expected = _straight("megatron", tmp_path)
+    log = two_nodes(tmp_path, "back", "megatron", "lost and back")
+    assert LOST in log and JOINED in log, log[-3000:]
+    resumed = re.search(r"resumed at iteration (\d+)", log.split(JOINED)[1])
+    assert resumed, log[-3000:]
+    got = losses(log.split(JOINED)[1])
+    assert set(got) == set(range(int(resumed.group(1)) + 1, ITERS + 1)), log[-3000:]
+    _assert_close(got, expected)
 
 
 def test_time_based_checkpoints(demo_corpus: Path, tmp_path: Path) -> None:
