@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from megatron import progress
 from megatron.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def fsync_tree(root: str) -> None:
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             fsync_path(os.path.join(dirpath, name))
+            progress.report()
         fsync_path(dirpath)
 
 
@@ -151,6 +153,7 @@ def file_digest(path: str) -> FileDigest:
     size = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(HASH_CHUNK_BYTES):
+            progress.report()
             digest.update(chunk)
             size += len(chunk)
     return FileDigest(size, digest.hexdigest())

@@ -189,20 +189,23 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
 
 
 def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
-          nan_injection: NanInjection | None = None) -> TrainState:
+          nan_injection: NanInjection | None = None, watchdog: ProgressWatchdog | None = None) -> TrainState:
     """Train from ``state`` to ``--train-iters`` (or an exit condition), with periodic logging,
-    validation and checkpoints. Every rank calls it."""
-    training, logging = run.training, run.logging
+    validation and checkpoints. Every rank calls it. ``watchdog``: a started progress watchdog
+    (the caller's, to watch what follows too; else one for the loop alone)."""
+    logging = run.logging
     writer = build_tensorboard_writer(run)
     peak, source = device_peak_tflops(run.precision.dtype, logging.peak_tflops)  # once (~0.2 s on CPU)
     print_rank_0(f" > peak TFLOP/s per device for MFU: {peak:.3f} ({source}, {run.precision.dtype})")
     backend.train()
-    watchdog = ProgressWatchdog(training.progress_timeout_minutes * 60, run.parallel.rank)
-    watchdog.start()
+    own = watchdog is None
+    if watchdog is None:
+        watchdog = progress_watchdog(run)
     try:
         return _train_loop(backend, data, run, state, nan_injection, watchdog, writer, peak)
     finally:
-        watchdog.stop()
+        if own:
+            watchdog.stop()
         if writer is not None:
             writer.close()
 
@@ -348,15 +351,34 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
     if state.iteration >= run.training.train_iters:
         print_rank_0(f" note: the checkpoint is at iteration {state.iteration} and --train-iters is "
                      f"{run.training.train_iters}: nothing to train (raise --train-iters to continue)")
-    else:
-        state = train(backend, data, run, state, nan_injection)
+        _final_evaluations(backend, data, run, state, None)
+        return state
+    watchdog = progress_watchdog(run)  # through the final save and evaluations too
+    try:
+        state = train(backend, data, run, state, nan_injection, watchdog)
         if state.stopped_early:
             return state
         if run.checkpoint.save and state.saved_iteration != state.iteration:  # not saved by an interval
-            save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+            with watchdog.writing(run.checkpoint.save):
+                save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+        _final_evaluations(backend, data, run, state, watchdog)
+    finally:
+        watchdog.stop()
+    return state
+
+
+def progress_watchdog(run: RunConfig) -> ProgressWatchdog:
+    """A started progress watchdog (``--progress-timeout-minutes``) for this rank."""
+    watchdog = ProgressWatchdog(run.training.progress_timeout_minutes * 60, run.parallel.rank)
+    watchdog.start()
+    return watchdog
+
+
+def _final_evaluations(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
+                       watchdog: ProgressWatchdog | None) -> None:
+    beat = watchdog.beat if watchdog is not None else None
     if data.do_valid:
         evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",
-                                   backend, data.valid, run)
+                                   backend, data.valid, run, progress=beat)
     if data.do_test:
-        evaluate_and_print_results("the end of training for test data", backend, data.test, run)
-    return state
+        evaluate_and_print_results("the end of training for test data", backend, data.test, run, progress=beat)

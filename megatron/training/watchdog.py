@@ -3,8 +3,9 @@
 A hung rank (SIGSTOP, a stuck file system, a dead GPU) leaves the others waiting in their next
 collective; gloo and NCCL do not always time out there. Each rank runs this watchdog: once the
 first step is done, the loop reports progress after every step and every evaluation batch, and a
-checkpoint being written counts as progress while its files grow; a rank that has not progressed
-for ``--progress-timeout-minutes`` prints one line and exits with
+checkpoint counts as progress while its files grow and while they are flushed and hashed (each
+file flushed and each chunk hashed is reported through ``megatron.progress``); a rank that has not
+progressed for ``--progress-timeout-minutes`` prints one line and exits with
 status 1, so that ``torchrun --max-restarts`` restarts the job (which resumes from the newest
 checkpoint) or, without restarts left, the job ends non-zero instead of holding its nodes. The
 hung rank cannot run its own watchdog; the others' fire, and the launcher stops it.
@@ -18,6 +19,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from megatron import progress
 
 
 class ProgressWatchdog:
@@ -33,6 +36,7 @@ class ProgressWatchdog:
 
     def start(self) -> None:
         if self.timeout_s > 0:
+            progress.listen(self.beat)
             threading.Thread(target=self._watch, name="progress-watch", daemon=True).start()
 
     def beat(self) -> None:
@@ -41,6 +45,7 @@ class ProgressWatchdog:
         self._armed = True
 
     def stop(self) -> None:
+        progress.listen(None)
         self._stopped.set()
 
     @contextmanager

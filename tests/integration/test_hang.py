@@ -105,14 +105,14 @@ torch.save = _slow_save
 '''
 
 
-def _slow_save_run(tmp_path: Path, how: str) -> subprocess.CompletedProcess:
+def _slow_save_run(tmp_path: Path, how: str, save_interval: int = 2, site: str = SLOW_SAVE) -> subprocess.CompletedProcess:
     """A run with --progress-timeout-minutes 0.05 (3 s) whose checkpoint files take 6 s to write:
     steadily ("writing") or after 6 s of nothing ("stuck", a hung file system)."""
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_SAVE)
+    (tmp_path / "site" / "sitecustomize.py").write_text(site)
     env = {**ENV, "PYTHONPATH": f"{tmp_path / 'site'}:{REPO}", "SLOW_SAVE": how, "SLOW_SAVE_S": "6"}
     args = [*TINY_GPT2, "--eval-iters", "0", "--train-iters", "4", "--batch-size", "2", "--save",
-            str(tmp_path / "ckpt"), "--save-interval", "2", "--progress-timeout-minutes", "0.05"]
+            str(tmp_path / "ckpt"), "--save-interval", str(save_interval), "--progress-timeout-minutes", "0.05"]
     return subprocess.run([sys.executable, "pretrain_gpt2.py", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -135,3 +135,33 @@ def test_a_long_evaluation_is_progress(demo_corpus: Path, tmp_path: Path) -> Non
 
     run_script("pretrain_gpt2.py", [*TINY_GPT2, "--train-iters", "3", "--batch-size", "2", "--eval-interval", "2",
                                     "--eval-iters", "1500", "--progress-timeout-minutes", "0.05"])
+
+
+def test_a_final_checkpoint_stuck_on_the_file_system_ends_the_run(demo_corpus: Path, tmp_path: Path) -> None:
+    """The save after the loop is watched too (it was not: a hung file system held the job)."""
+    result = _slow_save_run(tmp_path, "stuck", save_interval=100)
+    assert result.returncode == 1 and "no training progress for" in result.stderr, result.stderr[-3000:]
+
+
+SLOW_HASH = SLOW_SAVE.replace("torch.save = _slow_save", '''
+import hashlib, types
+import megatron.checkpoint.layout as layout
+class _SlowHash:
+    def __init__(self):
+        self._hash = hashlib.sha256()
+    def update(self, data):
+        time.sleep(0.2)
+        self._hash.update(data)
+    def hexdigest(self):
+        return self._hash.hexdigest()
+layout.HASH_CHUNK_BYTES = 64 * 1024
+layout.hashlib = types.SimpleNamespace(sha256=_SlowHash)
+''')
+
+
+def test_slow_hashing_of_a_checkpoint_is_progress(demo_corpus: Path, tmp_path: Path) -> None:
+    """Hashing the files for the manifest (here 0.2 s per 64 KiB chunk, longer than the 3 s
+    timeout in all) reports each chunk; the run ends normally."""
+    result = _slow_save_run(tmp_path, "none", site=SLOW_HASH)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "iter_0000002" / "complete").is_file()
