@@ -51,16 +51,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SLURM_RANGES = r"\[\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*\]"
+_SLURM_HOST = rf"[\w.-]+(?:[\w.-]|{_SLURM_RANGES})*"
+_SLURM_LIST = re.compile(rf"{_SLURM_HOST}(?:,{_SLURM_HOST})*")
+
+
 def _first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list (``gpu[003-005,007],cpu1`` -> ``gpu003``): from
-    ``scontrol`` where SLURM is installed, else by reading the list's syntax ("" if it names none)."""
+    ``scontrol`` where SLURM is installed, else by reading the list's syntax ("" when it is not a
+    node list)."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
                              check=True, timeout=30)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
-    first = re.match(r"(?:[^,\[\]]|\[[^\]]*\])*", nodelist.strip()).group(0)  # up to the first comma outside [...]
+    if not _SLURM_LIST.fullmatch(nodelist):
+        return ""
+    first = re.match(_SLURM_HOST, nodelist).group(0)
     return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
 
 
@@ -68,9 +76,9 @@ def _slurm_master(env: Mapping[str, str]) -> str:
     """The first host of SLURM's node list (127.0.0.1 without one); a list naming no host is a
     ConfigError."""
     for name in ("SLURM_JOB_NODELIST", "SLURM_NODELIST"):
-        if name in env:
+        if env.get(name):
             host = _first_slurm_host(env[name])
-            if not host or not re.fullmatch(r"[\w.:-]+", host):
+            if not host:
                 raise ConfigError(f"{name}={env[name]!r} names no host to rendezvous at; fix it, or set MASTER_ADDR "
                                   "to the first node's host name")
             return host

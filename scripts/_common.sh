@@ -27,7 +27,10 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS}
 NNODES_GIVEN=${NNODES:-}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR_GIVEN=${MASTER_ADDR:-}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT_GIVEN=${MASTER_PORT:-}
+# A free port here: right for one node only (every node must be given the same MASTER_PORT).
 MASTER_PORT=${MASTER_PORT:-$(python -c "import socket; s=socket.socket(); s.bind(('',0)); print(s.getsockname()[1])")}
 PRECISION=${PRECISION:-$DEFAULT_PRECISION}
 MODEL=${MODEL:-demo}
@@ -35,11 +38,14 @@ MODEL=${MODEL:-demo}
 # One line and exit 2 for a launcher variable the launchers cannot use (they would hang or print a
 # traceback). Usage: check_int NAME MIN MAX [WHY]
 check_int() {
-  local name=$1 min=$2 max=$3 why=${4:-} value=${!1}
-  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "${#value}" -gt 9 ] || [ "$value" -lt "$min" ] || [ "$value" -gt "$max" ]; then
+  local name=$1 min=$2 max=$3 why=${4:-} value=${!1} digits
+  digits=$(printf '%s' "$value" | sed 's/^0*//')
+  digits=${digits:-0}
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "${#digits}" -gt 9 ] || [ "$digits" -lt "$min" ] || [ "$digits" -gt "$max" ]; then
     echo "error: $name=$value must be an integer from $min to $max${why:+ ($why)}" >&2
     exit 2
   fi
+  printf -v "$name" '%s' "$digits"  # without leading zeros (08 is not octal to anyone after this)
 }
 check_int GPUS_PER_NODE 1 4096 "ranks per node"
 check_int NNODES 1 100000
@@ -99,46 +105,93 @@ if [ "${TRAIN_DATA:-demo}" = demo ] || [[ "$VOCAB_FILE" == data/demo/* ]]; then
   python tools/build_demo_corpus.py --output-dir data/demo >/dev/null
 fi
 
-# The launcher commands (arrays) of the torchrun and DeepSpeed scripts, from the variables above.
-if [ -n "${RDZV_ENDPOINT:-}" ]; then
-  MIN_NODES=${MIN_NODES:-$NNODES}
-  MAX_RESTARTS=${MAX_RESTARTS:-3}
-  check_int MIN_NODES 1 "$NNODES" "the fewest nodes the elastic run continues with, at most NNODES=$NNODES"
-  check_int MAX_RESTARTS 0 100000
-  if [[ "$RDZV_ENDPOINT" == *:* ]]; then
-    RDZV_PORT=${RDZV_ENDPOINT##*:}
-    check_int RDZV_PORT 1 65535 "the port of RDZV_ENDPOINT=$RDZV_ENDPOINT"
+# The launchers. A script calls the one it uses; it checks that launcher's variables (one line and
+# exit 2 for a value that would hang it or end in a traceback) and sets the command array.
+torchrun_launcher() {  # sets TORCHRUN
+  if [ -n "${RDZV_ENDPOINT:-}" ]; then
+    MIN_NODES=${MIN_NODES:-$NNODES}
+    MAX_RESTARTS=${MAX_RESTARTS:-3}
+    check_int MIN_NODES 1 "$NNODES" "the fewest nodes the elastic run continues with, at most NNODES=$NNODES"
+    check_int MAX_RESTARTS 0 100000
+    if [[ "$RDZV_ENDPOINT" == \[* ]]; then  # [IPv6]:port
+      [[ "$RDZV_ENDPOINT" =~ ^\[[^]]+\](:(.*))?$ ]] || {
+        echo "error: RDZV_ENDPOINT=$RDZV_ENDPOINT is not [address]:port" >&2; exit 2; }
+      RDZV_PORT=${BASH_REMATCH[2]:-29400}
+    elif [[ "$RDZV_ENDPOINT" == *:*:* ]]; then
+      echo "error: RDZV_ENDPOINT=$RDZV_ENDPOINT has more than one ':'; write an IPv6 address in brackets, [address]:port" >&2
+      exit 2
+    elif [[ "$RDZV_ENDPOINT" == *:* ]]; then
+      RDZV_PORT=${RDZV_ENDPOINT##*:}
+    fi
+    [ -z "${RDZV_PORT:-}" ] || check_int RDZV_PORT 1 65535 "the port of RDZV_ENDPOINT=$RDZV_ENDPOINT"
+    # torch 2.13's c10d rendezvous shares one TCP store across rounds and hangs when a node joins a
+    # running job; a store per round does not (docs/training.md, "An elastic run").
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+    TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$MIN_NODES:$NNODES"
+              --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
+              --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")
+    return
   fi
-  # torch 2.13's c10d rendezvous shares one TCP store across rounds and hangs when a node joins a
-  # running job; a store per round does not (docs/training.md, "An elastic run").
-  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$MIN_NODES:$NNODES"
-            --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
-            --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")
-else
+  check_int NODE_RANK 0 $((NNODES - 1)) "this node's number, counted from 0, below NNODES=$NNODES"
+  if [ "$NNODES" -gt 1 ] && { [ -z "$MASTER_ADDR_GIVEN" ] || [ -z "$MASTER_PORT_GIVEN" ]; }; then
+    echo "error: NNODES=$NNODES needs MASTER_ADDR (node 0's host name) and MASTER_PORT (a free port there), the same on every node" >&2
+    exit 2
+  fi
   TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-fi
-if [ -n "${HOSTFILE:-}" ]; then
+}
+
+# The hosts of DeepSpeed's hostfile ("host slots=N" lines; comments, blank lines and CRLF allowed).
+hostfile_hosts() {
   [ -e "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE does not exist (one 'host slots=N' line per node)" >&2; exit 2; }
   [ -f "$HOSTFILE" ] || { echo "error: HOSTFILE $HOSTFILE is not a file (one 'host slots=N' line per node)" >&2; exit 2; }
+  local line host seen=" "
   HOSTS=0
-  while read -r line || [ -n "$line" ]; do
+  while IFS= read -r line || [ -n "$line" ]; do
     line=${line%%#*}
-    [ -z "${line// /}" ] && continue
-    if ! [[ "$line" =~ ^[[:space:]]*[^[:space:]]+[[:space:]]+slots=[1-9][0-9]*[[:space:]]*$ ]]; then
+    line=${line//$'\r'/}
+    [[ "$line" =~ ^[[:space:]]*$ ]] && continue
+    if ! [[ "$line" =~ ^[[:space:]]*([^[:space:]]+)[[:space:]]+slots=0*[1-9][0-9]*[[:space:]]*$ ]]; then
       echo "error: HOSTFILE $HOSTFILE has a line that is not 'host slots=N' (N at least 1): '$line'" >&2
       exit 2
     fi
+    host=${BASH_REMATCH[1]}
+    if [[ "$seen" == *" $host "* ]]; then
+      echo "error: HOSTFILE $HOSTFILE lists $host twice; one line per node" >&2
+      exit 2
+    fi
+    seen+="$host "
     HOSTS=$((HOSTS + 1))
   done < "$HOSTFILE"
   [ "$HOSTS" -gt 0 ] || { echo "error: HOSTFILE $HOSTFILE lists no host (one 'host slots=N' line per node)" >&2; exit 2; }
+}
+
+deepspeed_launcher() {  # sets DEEPSPEED
+  case "${NO_SSH:-0}" in
+    ""|0|1) ;;
+    *) echo "error: NO_SSH=$NO_SSH must be 1 (start only this node) or 0 (start every node over ssh)" >&2; exit 2 ;;
+  esac
+  if [ -z "${HOSTFILE:-}" ]; then
+    if [ "$NNODES" -gt 1 ]; then
+      echo "error: NNODES=$NNODES: the DeepSpeed scripts start several nodes from HOSTFILE (DeepSpeed's 'host slots=N' file); set it" >&2
+      exit 2
+    fi
+    DEEPSPEED=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
+    return
+  fi
+  hostfile_hosts
   NNODES=${NNODES_GIVEN:-$HOSTS}  # every host of the file unless NNODES says fewer
   check_int NNODES 1 "$HOSTS" "the nodes to use, at most the $HOSTS hosts of HOSTFILE $HOSTFILE"
-  DEEPSPEED=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE"
-             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-  if [ "${NO_SSH:-0}" = 1 ]; then DEEPSPEED+=(--no_ssh --node_rank "$NODE_RANK"); fi
-else
-  DEEPSPEED=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
-fi
-check_int NODE_RANK 0 $((10#$NNODES - 1)) "this node's number, counted from 0, below NNODES=$NNODES"
+  DEEPSPEED=(deepspeed --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
+  # Without ssh every node must be told node 0's address; with it DeepSpeed finds the first host.
+  if [ "${NO_SSH:-0}" = 1 ]; then
+    check_int NODE_RANK 0 $((NNODES - 1)) "this node's number, counted from 0, below NNODES=$NNODES"
+    if [ "$NNODES" -gt 1 ] && [ -z "$MASTER_ADDR_GIVEN" ]; then
+      echo "error: NO_SSH=1 with NNODES=$NNODES needs MASTER_ADDR (node 0's host name), the same on every node" >&2
+      exit 2
+    fi
+    DEEPSPEED+=(--no_ssh --node_rank "$NODE_RANK")
+  fi
+  if [ -n "$MASTER_ADDR_GIVEN" ]; then DEEPSPEED+=(--master_addr "$MASTER_ADDR"); fi
+  if [ -n "$MASTER_PORT_GIVEN" ]; then DEEPSPEED+=(--master_port "$MASTER_PORT"); fi  # else DeepSpeed's 29500
+}

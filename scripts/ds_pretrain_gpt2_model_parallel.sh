@@ -9,5 +9,6 @@ if [ "${OFFLOAD:-0}" = 1 ]; then DEFAULT_CONFIG=scripts/ds_zero2_offload_config.
 else DEFAULT_CONFIG=scripts/ds_zero${ZERO_STAGE}_config.json; fi
 DS_CONFIG=${DS_CONFIG:-$DEFAULT_CONFIG}
 [ -f "$DS_CONFIG" ] || { echo "error: DeepSpeed config $DS_CONFIG does not exist (ZERO_STAGE is 0, 1, 2 or 3)" >&2; exit 2; }
+deepspeed_launcher
 exec "${DEEPSPEED[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" --model-parallel-size "$MP_SIZE" \
   --deepspeed --deepspeed_config "$DS_CONFIG" "$@"

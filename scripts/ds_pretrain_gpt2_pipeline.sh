@@ -11,6 +11,7 @@ PIPE_SIZE=${PIPE_SIZE:-2}
 MP_SIZE=${MP_SIZE:-1}
 MICRO_BATCHES=${MICRO_BATCHES:-4}
 DS_CONFIG=${DS_CONFIG:-scripts/ds_zero1_config.json}
+deepspeed_launcher
 exec "${DEEPSPEED[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" \
   --pipe-parallel-size "$PIPE_SIZE" --model-parallel-size "$MP_SIZE" \
   --gradient-accumulation-steps "$MICRO_BATCHES" --deepspeed --deepspeed_config "$DS_CONFIG" "$@"

@@ -4,4 +4,5 @@
 # RDZV_ENDPOINT, MIN_NODES, MAX_RESTARTS for an elastic run (see _common.sh).
 source "$(dirname "$0")/_common.sh"
 MP_SIZE=${MP_SIZE:-2}
+torchrun_launcher
 exec "${TORCHRUN[@]}" pretrain_gpt2.py "${GPT2_ARGS[@]}" --model-parallel-size "$MP_SIZE" "$@"

@@ -50,8 +50,12 @@ def test_a_missing_hostfile_is_one_line(tmp_path: Path) -> None:
     ({"RDZV_ENDPOINT": "127.0.0.1:29555", "MIN_NODES": "3", "NNODES": "2"}, "MIN_NODES=3 must be an integer from 1 to 2"),
     ({"RDZV_ENDPOINT": "127.0.0.1:29555", "MAX_RESTARTS": "-1"}, "MAX_RESTARTS=-1 must be an integer"),
     ({"RDZV_ENDPOINT": "127.0.0.1:notaport"}, "RDZV_PORT=notaport must be an integer from 1 to 65535"),
+    ({"RDZV_ENDPOINT": "::1"}, "write an IPv6 address in brackets"),
+    ({"RDZV_ENDPOINT": "host1:29500:1"}, "has more than one ':'"),
+    ({"NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR (node 0's host name) and MASTER_PORT"),
+    ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2 needs MASTER_ADDR (node 0's host name) and MASTER_PORT"),
 ], ids=["node rank past nodes", "negative node rank", "nodes text", "no nodes", "no ranks", "port", "min nodes",
-        "negative restarts", "endpoint port"])
+        "negative restarts", "endpoint port", "bare ipv6", "two colons", "no master", "no master port"])
 def test_a_bad_torchrun_variable_is_one_line(env: dict[str, str], fragment: str, tmp_path: Path) -> None:
     """Each of these hung (torchrun waiting for a node that never comes) or printed a torchrun traceback."""
     assert_one_line_error(_script("pretrain_gpt2_model_parallel.sh", env, tmp_path), fragment)
@@ -64,7 +68,11 @@ def test_a_bad_torchrun_variable_is_one_line(env: dict[str, str], fragment: str,
     ("localhost slots=1\n", {"NNODES": "2"}, "NNODES=2 must be an integer from 1 to 1"),
     ("localhost slots=1\n", {"NO_SSH": "1", "NODE_RANK": "3"}, "NODE_RANK=3 must be an integer from 0 to 0"),
     (None, {}, "is not a file"),
-], ids=["empty", "slots text", "no slots", "more nodes than hosts", "node rank past hosts", "directory"])
+    ("n1 slots=2\nn1 slots=2\n", {}, "lists n1 twice"),
+    ("n1 slots=1\nn2 slots=1\n", {"NO_SSH": "1"}, "NO_SSH=1 with NNODES=2 needs MASTER_ADDR"),
+    ("n1 slots=1\n", {"NO_SSH": "yes"}, "NO_SSH=yes must be 1"),
+], ids=["empty", "slots text", "no slots", "more nodes than hosts", "node rank past hosts", "directory", "duplicate",
+        "no master without ssh", "no_ssh text"])
 def test_a_bad_hostfile_is_one_line(hostfile: str | None, env: dict[str, str], fragment: str, tmp_path: Path) -> None:
     path = tmp_path / "hosts"
     if hostfile is None:
@@ -72,3 +80,39 @@ def test_a_bad_hostfile_is_one_line(hostfile: str | None, env: dict[str, str], f
     else:
         path.write_text(hostfile)
     assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"HOSTFILE": str(path), **env}, tmp_path), fragment)
+
+
+def test_several_deepspeed_nodes_need_a_hostfile(tmp_path: Path) -> None:
+    """Without one each node ran a one-node job of its own on the same checkpoint directory."""
+    assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"NNODES": "2", "NODE_RANK": "1", "NO_SSH": "1"}, tmp_path),
+                          "the DeepSpeed scripts start several nodes from HOSTFILE")
+
+
+def _fake_launchers(tmp_path: Path) -> dict[str, str]:
+    """``torchrun`` and ``deepspeed`` that print their arguments and exit 0 (first on PATH)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("torchrun", "deepspeed"):
+        (bin_dir / name).write_text("#!/bin/sh\necho LAUNCH $0 \"$@\"\n")
+        (bin_dir / name).chmod(0o755)
+    return {"PATH": f"{bin_dir}:{ENV['PATH']}"}
+
+
+@pytest.mark.parametrize("script,env,hostfile,expected", [
+    ("ds_pretrain_gpt2.sh", {}, "# two nodes\r\nn1 slots=01\r\n\r\n\tn2\tslots=2  # the second\r\n",
+     "--hostfile {hostfile} --num_nodes 2 --num_gpus 2 pretrain_gpt2.py"),
+    ("ds_pretrain_gpt2.sh", {"NNODES": "1"}, "n1 slots=1\nn2 slots=1\n", "--num_nodes 1"),
+    ("pretrain_gpt2_model_parallel.sh", {"NNODES": "08", "NODE_RANK": "07", "MASTER_ADDR": "n0",
+                                         "MASTER_PORT": "029500"}, None,
+     "--nnodes 8 --node_rank 7 --master_addr n0 --master_port 29500"),
+    ("pretrain_gpt2_model_parallel.sh", {"RDZV_ENDPOINT": "[::1]", "NODE_RANK": "5"}, None,
+     "--rdzv-endpoint [::1]"),
+], ids=["crlf comments tabs leading zero", "fewer nodes than hosts", "leading zeros", "ipv6 elastic"])
+def test_what_the_launchers_are_given(script: str, env: dict[str, str], hostfile: str | None, expected: str,
+                                      tmp_path: Path) -> None:
+    if hostfile is not None:
+        (tmp_path / "hosts").write_text(hostfile, newline="")
+        env = {**env, "HOSTFILE": str(tmp_path / "hosts")}
+    result = _script(script, {**env, **_fake_launchers(tmp_path)}, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert expected.format(hostfile=tmp_path / "hosts") in result.stdout, result.stdout[-2000:]

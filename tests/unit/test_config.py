@@ -230,8 +230,9 @@ def test_an_elastic_restart_is_known() -> None:
     ({"SLURM_NODELIST": "node7,node8"}, "node7"),  # srun steps outside sbatch set only this one
     ({"SLURM_NODELIST": "a[1-2]b[3-4]"}, "a1b3"),
     ({"SLURM_NODELIST": "n[1-2]", "MASTER_ADDR": "head"}, "head"),
+    ({"SLURM_JOB_NODELIST": "", "SLURM_NODELIST": "node-[1-2]-ib"}, "node-1-ib"),
     ({}, "127.0.0.1"),
-], ids=["job list", "step list", "two ranges", "master addr wins", "no list"])
+], ids=["job list", "step list", "two ranges", "master addr wins", "empty job list", "no list"])
 def test_slurm_master_is_the_first_host_of_the_node_list(environ: dict[str, str], master: str) -> None:
     from megatron.launch import read_launch_env
 
@@ -262,7 +263,7 @@ def test_save_interval_minutes_refuses_nan_and_inf(value: str, message: str) -> 
         validate_training_args(build_parser().parse_args([*MODEL, "--save-interval-minutes", value]))
 
 
-@pytest.mark.parametrize("nodelist", ["", ",,,", "[bad", "]"])
+@pytest.mark.parametrize("nodelist", [",,,", "[bad", "]", "n[1-2", "n[]", "n[a-b]", "[1-2]", " n1 ,n2"])
 def test_a_slurm_node_list_naming_no_host_is_a_config_error(nodelist: str) -> None:
     from megatron.launch import read_launch_env
 
