@@ -5,7 +5,8 @@
 #   DATA_PATH="PREFIX" or "0.3 A 0.7 B"    preprocessed .bin/.idx data instead of TRAIN_DATA
 #   VOCAB_FILE, MERGE_FILE                 GPT-2 vocabulary (default: the demo's)
 #   BATCH_SIZE, TRAIN_ITERS, SEQ_LENGTH, LR, CHECKPOINT_PATH, PRECISION=fp32|fp16|bf16
-#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   (several nodes: run the script on each)
+#   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   (several nodes: run the script on each,
+#                            with node 0's MASTER_ADDR and one MASTER_PORT everywhere)
 #   RDZV_ENDPOINT=host:port  torchrun scripts: elastic c10d rendezvous instead of a fixed master, with
 #                            MIN_NODES (default NNODES) to NNODES nodes and MAX_RESTARTS (default 3)
 #   HOSTFILE=path            DeepSpeed scripts: DeepSpeed's "host slots=N" file, started over ssh (PDSH)
