@@ -115,6 +115,10 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--save-interval-minutes", type=float, default=None,
                        help="also checkpoint when this many minutes passed since the last checkpoint (agreed by "
                             "every rank), so a crash loses at most that much work")
+    group.add_argument("--async-save", action="store_true",
+                       help="training waits only while a checkpoint is copied to host memory; it is written, "
+                            "flushed and completed in the background (the next save and the end of the run wait "
+                            "for it; needs host memory for one copy of the checkpoint)")
     group.add_argument("--no-save-optim", action="store_true", help="do not save the optimizer state")
     group.add_argument("--no-save-rng", action="store_true", help="do not save the RNG states")
     group.add_argument("--load", default=None, help="directory to load a checkpoint from")
@@ -238,6 +242,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if not args.progress_timeout_minutes >= 0:
         raise ConfigError(f"--progress-timeout-minutes must be >= 0 (0: never), got {args.progress_timeout_minutes}")
+    if args.async_save and not args.save:
+        raise ConfigError("--async-save changes how checkpoints are written, but no --save is given: add --save DIR, "
+                          "or drop --async-save")
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are exclusive; pick one")
     if args.loss_scale is not None and args.loss_scale <= 0:
@@ -409,7 +416,13 @@ def validate_deepspeed_args(args: argparse.Namespace) -> None:
     if args.no_save_optim:
         raise ConfigError("--no-save-optim is not supported with --deepspeed: the engine always writes its optimizer "
                           "state (ZeRO partitions); drop the flag")
-    read_deepspeed_json(args.deepspeed_config)
+    config = read_deepspeed_json(args.deepspeed_config)
+    checkpoint = config.get("checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("writer") is not None:
+        raise ConfigError(f"{args.deepspeed_config}: checkpoint.writer (DeepSpeed's fast or decoupled checkpoint "
+                          "writer) is not supported here: DeepSpeed asks this project's model-parallel unit for "
+                          "pipeline sizes it does not provide; drop it (--async-save writes checkpoints in the "
+                          "background)")
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -523,7 +536,7 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
         save_interval_minutes=args.save_interval_minutes,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng, load_optim=not args.no_load_optim,
         load_rng=not args.no_load_rng, finetune=args.finetune,
-        override_tokenizer_check=args.override_tokenizer_check)
+        override_tokenizer_check=args.override_tokenizer_check, async_save=args.async_save)
 
 
 def logging_config(args: argparse.Namespace) -> LoggingConfig:

@@ -140,6 +140,7 @@ class CheckpointConfig:
     load_rng: bool = True  # not --no-load-rng
     finetune: bool = False  # weights only; iteration 0, fresh optimizer and RNG
     override_tokenizer_check: bool = False  # load a checkpoint trained with other tokenizer files
+    async_save: bool = False  # complete checkpoints in the background (megatron.checkpoint.async_save)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron import mpu
+from megatron.checkpoint.async_save import FileSink
 from megatron.checkpoint.layout import StateCheck
 from megatron.config import RunConfig
 from megatron.training.schedule import AnnealingLR
@@ -69,8 +70,9 @@ class Backend(Protocol):
     def parameters(self) -> list[torch.Tensor]:
         """This rank's share of the weights (ZeRO 3 partitions included)."""
 
-    def save_state(self, root: str, tag: str, client_state: dict[str, Any]) -> None:
-        """Write this rank's files of checkpoint ``root/tag`` with ``client_state`` in them."""
+    def save_state(self, root: str, tag: str, client_state: dict[str, Any], sink: FileSink | None = None) -> None:
+        """Write this rank's files of checkpoint ``root/tag``, with ``client_state`` in them (to
+        ``sink`` when given: copied to host memory for an asynchronous save)."""
 
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
         """Read checkpoint ``root/tag`` into the model (and optimizer); return its client state.

@@ -30,6 +30,7 @@ from megatron.backends.base import (
     maybe_compile,
 )
 from megatron.backends.deepspeed_universal import deepspeed_converter, load_resharded
+from megatron.checkpoint.async_save import FileSink
 from megatron.checkpoint.layout import Topology
 from megatron.checkpoint.reshard import (
     DEEPSPEED_UNIVERSAL,
@@ -46,6 +47,25 @@ from megatron.model import (
     use_activation_checkpointing,
 )
 from megatron.model.gpt2_modeling import gpt2_get_params_for_weight_decay_optimization
+
+
+class _SinkCheckpointEngine:
+    """DeepSpeed's checkpoint engine with its ``save`` going to ``sink`` (the rest, loading
+    included, is the engine's own). DeepSpeed clones a state for ``torch.save`` only when the
+    engine preserves storage sharing; the sink copies every tensor anyway, so it does not."""
+
+    def __init__(self, engine: Any, sink: FileSink) -> None:
+        self._engine, self._sink = engine, sink
+        self._zipfile = bool(getattr(engine, "zipfile_serialization", True))
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self._sink.save(state_dict, path, self._zipfile)
+
+    def preserves_storage_sharing(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 class _RecordingDict(dict):
@@ -162,7 +182,20 @@ def initialize_engine(model: nn.Module, run: RunConfig, model_parallel_unit: Any
         model=model, optimizer=optimizer, model_parameters=model_parameters, args=None,
         lr_scheduler=lambda opt: build_lr_scheduler(opt, run), mpu=model_parallel_unit,
         dist_init_required=False, config=run.deepspeed.engine_config())
+    check_async_save(engine, run)
     return engine, engine_optimizer, lr_scheduler
+
+
+def check_async_save(engine: Any, run: RunConfig) -> None:
+    """``--async-save`` writes the engine's files itself: only in place of DeepSpeed's own
+    ``torch.save`` engine, not of a writer the config's ``checkpoint`` section chose."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    own = engine.checkpoint_engine
+    if run.checkpoint.async_save and not isinstance(own, TorchCheckpointEngine):
+        raise ConfigError(f"--async-save writes checkpoints in the background itself, but the DeepSpeed config "
+                          f"{run.deepspeed.config_path} selects DeepSpeed's {type(own).__name__}: drop --async-save "
+                          "or the config's checkpoint writer (\"checkpoint\": {\"writer\": ...} or \"datastates\")")
 
 
 def step_result(engine: Any, loss: torch.Tensor) -> StepResult:
@@ -200,9 +233,19 @@ class DeepSpeedEngineBackend:
     def eval(self) -> None:
         self.model.eval()
 
-    def save_state(self, root: str, tag: str, client_state: dict[str, Any]) -> None:
-        """Every rank calls the engine's ``save_checkpoint`` (ZeRO shards are per rank)."""
-        self.model.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    def save_state(self, root: str, tag: str, client_state: dict[str, Any], sink: FileSink | None = None) -> None:
+        """Every rank calls the engine's ``save_checkpoint`` (ZeRO shards are per rank); with
+        ``sink``, the engine's files go there instead of to disk."""
+        engine = self.model
+        if sink is None:
+            engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+            return
+        own = engine.checkpoint_engine
+        engine.checkpoint_engine = _SinkCheckpointEngine(own, sink)
+        try:
+            engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            engine.checkpoint_engine = own
 
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
         """The engine reads and applies in one call, so ``validate`` runs right after it."""

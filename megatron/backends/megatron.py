@@ -20,6 +20,7 @@ from megatron.backends.base import (
     build_optimizer,
     maybe_compile,
 )
+from megatron.checkpoint.async_save import FileSink
 from megatron.checkpoint.convert import optimizer_param_names
 from megatron.checkpoint.layout import (
     Topology,
@@ -184,7 +185,7 @@ class MegatronBackend:
     def eval(self) -> None:
         self.model.eval()
 
-    def save_state(self, root: str, tag: str, client_state: dict[str, Any]) -> None:
+    def save_state(self, root: str, tag: str, client_state: dict[str, Any], sink: FileSink | None = None) -> None:
         """Data-parallel rank 0 of each model-parallel rank writes ``model_optim_rng.pt``."""
         if mpu.get_data_parallel_rank() != 0:
             return
@@ -193,7 +194,11 @@ class MegatronBackend:
         if self.run.checkpoint.save_optim:
             state["optimizer"] = self.optimizer.state_dict()
             state["lr_scheduler"] = self.lr_scheduler.state_dict()
-        save_torch_file(state, megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank()))
+        path = megatron_checkpoint_name(root, tag, mpu.get_model_parallel_rank())
+        if sink is None:
+            save_torch_file(state, path)
+        else:
+            sink.save(state, path)
 
     def load_state(self, root: str, tag: str, load_optimizer: bool, validate: StateCheck) -> dict[str, Any]:
         directory = os.path.join(root, tag)

@@ -79,10 +79,12 @@ def write_text_atomic(path: str, text: str) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
-def save_torch_file(state: Any, path: str) -> None:
+def save_torch_file(state: Any, path: str, zipfile: bool = True) -> None:
+    """``torch.save`` ``state`` to ``path`` (``zipfile``: the default format; False: the legacy one
+    DeepSpeed may be configured to write), flushed to disk."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as handle:
-        torch.save(state, handle)
+        torch.save(state, handle, _use_new_zipfile_serialization=zipfile)
         handle.flush()
         os.fsync(handle.fileno())
 

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from megatron import mpu
+from megatron.checkpoint.async_save import BackgroundSaver, Snapshots
 from megatron.checkpoint.layout import (
     CHECKPOINT_VERSION,
     COMPLETE_MARKER,
@@ -76,16 +78,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def _all_ok(ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank."""
-    flag = torch.tensor([0.0 if ok else 1.0], device=mpu.communication_device())
+def _all_ok(ok: bool, group: ProcessGroup | None = None) -> bool:
+    """Whether ``ok`` holds on every rank (of ``group``: a gloo group, so on the CPU)."""
+    flag = torch.tensor([0.0 if ok else 1.0], device="cpu" if group is not None else mpu.communication_device())
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag.item() == 0.0
 
 
@@ -174,19 +176,39 @@ def open_save_directory(run: RunConfig) -> DirectoryLock | None:
     return lock
 
 
-def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: dict[str, Any]) -> str | None:
-    """This rank's files of the checkpoint, flushed to disk; the failure if the write failed."""
+def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: dict[str, Any],
+                   sink: Snapshots | None = None) -> str | None:
+    """This rank's files of the checkpoint, flushed to disk (or, with ``sink``, copied to host
+    memory for the background to write); the failure if the write failed."""
     staging_dir = os.path.join(run.checkpoint.save, staging_tag)
     try:
-        backend.save_state(run.checkpoint.save, staging_tag, state)
+        backend.save_state(run.checkpoint.save, staging_tag, state, sink)
+        if sink is None and os.path.isdir(staging_dir):
+            fsync_tree(staging_dir)
+    except (OSError, RuntimeError) as error:
+        return _failure(error, run.checkpoint.save)
+    return None
+
+
+def _write_snapshots(save: str, staging_dir: str, snapshots: Snapshots) -> str | None:
+    """Write and flush the files ``snapshots`` kept (in the background); the failure if one failed."""
+    try:
+        snapshots.write_all()
         if os.path.isdir(staging_dir):
             fsync_tree(staging_dir)
     except (OSError, RuntimeError) as error:
-        failure = write_failure(error, run.checkpoint.save)
-        if failure is None:
-            raise
-        return failure
+        return _failure(error, save)
+    finally:
+        snapshots.files.clear()  # the host copy is not needed after a failure either
     return None
+
+
+def _failure(error: OSError | RuntimeError, save: str) -> str:
+    """The one-line reason of a failed checkpoint write (an error that is not one is re-raised)."""
+    failure = write_failure(error, save)
+    if failure is None:
+        raise error
+    return failure
 
 
 def _keep_aside(final_dir: str) -> None:
@@ -221,11 +243,12 @@ def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: in
     return None
 
 
-def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None) -> None:
+def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None,
+                group: ProcessGroup | None = None) -> None:
     """Remove the partial checkpoint and stop the run; the previous checkpoints are untouched."""
     if _rank() == 0:
         shutil.rmtree(staging_dir, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     newest = complete_iterations(save)
     previous = (f"the newest complete checkpoint, {checkpoint_tag(newest[-1])}, is intact" if newest
                 else "no earlier checkpoint exists")
@@ -234,9 +257,16 @@ def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None
                           f"removed and {previous}: free space (or fix the directory) and relaunch to resume")
 
 
-def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int) -> str:
-    """Write checkpoint ``iteration`` under ``--save``; every rank calls it. Returns its directory."""
+def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_samples: int,
+                    saver: BackgroundSaver | None = None) -> str:
+    """Write checkpoint ``iteration`` under ``--save``; every rank calls it. Returns its directory.
+
+    With ``saver`` (``--async-save``) this returns once the state is copied to host memory, and
+    the checkpoint is completed in the background (after the previous one, waited for first).
+    """
     ensure_launcher_alive()  # a worker whose launcher died must not start a checkpoint
+    if saver is not None:
+        saver.wait()  # one checkpoint in flight at a time; a failed one stops the run here
     save = run.checkpoint.save
     check_weights_finite(backend, iteration)
     tag = checkpoint_tag(iteration)
@@ -246,23 +276,44 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
         shutil.rmtree(staging_dir, ignore_errors=True)
         os.makedirs(staging_dir)
     _barrier()
-    failure = _write_staging(run, backend, staging_tag, client_state(run, backend, iteration, consumed_samples))
-    if not _all_ok(failure is None):
-        _abort_save(save, staging_dir, iteration, failure)
+    state = client_state(run, backend, iteration, consumed_samples)
+    topology = Topology.of(run, backend.name)
+    if saver is None:
+        failure = _write_staging(run, backend, staging_tag, state)
+        _complete(run, staging_dir, iteration, failure, topology, backend.writes_deepspeed_latest)
+        return final_dir
+    snapshots = Snapshots()
+    failure = _write_staging(run, backend, staging_tag, state, snapshots)
+
+    def complete_in_background() -> None:
+        written = failure or _write_snapshots(save, staging_dir, snapshots)
+        _complete(run, staging_dir, iteration, written, topology, backend.writes_deepspeed_latest, saver.group)
+
+    saver.start(complete_in_background, tag)
+    return final_dir
+
+
+def _complete(run: RunConfig, staging_dir: str, iteration: int, failure: str | None, topology: Topology,
+              writes_latest: bool, group: ProcessGroup | None = None) -> None:
+    """Once every rank has written its files (``failure`` if this rank could not): hash them
+    together; rank 0 writes the manifest, renames the staging directory into place and names it
+    in the tracker; old checkpoints past ``--keep-last-n`` go. Collectives on ``group``."""
+    save = run.checkpoint.save
+    final_dir = os.path.join(save, checkpoint_tag(iteration))
+    if not _all_ok(failure is None, group):
+        _abort_save(save, staging_dir, iteration, failure, group)
     names = [checkpoint_files(staging_dir) if _rank() == 0 else None]
     if dist.is_initialized():
-        dist.broadcast_object_list(names, src=0)
-    manifest = manifest_text(iteration, digest_files(staging_dir, names[0]), Topology.of(run, backend.name))
+        dist.broadcast_object_list(names, src=0, group=group)
+    manifest = manifest_text(iteration, digest_files(staging_dir, names[0], group), topology)
     failure = None
     if _rank() == 0:
-        failure = _finish_as_rank_0(save, staging_dir, final_dir, iteration, manifest,
-                                    backend.writes_deepspeed_latest)
-    if not _all_ok(failure is None):
-        _abort_save(save, staging_dir, iteration, failure)
+        failure = _finish_as_rank_0(save, staging_dir, final_dir, iteration, manifest, writes_latest)
+    if not _all_ok(failure is None, group):
+        _abort_save(save, staging_dir, iteration, failure, group)
     if _rank() == 0:
         apply_retention(save, run.checkpoint.keep_last_n)
-    _barrier()
-    return final_dir
+    _barrier(group)
 
 
 def check_load_directory(load: str) -> None:

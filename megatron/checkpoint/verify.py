@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from megatron.checkpoint.layout import (
     FileDigest,
@@ -30,25 +31,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _share(names: list[str]) -> list[str]:
+def _share(names: list[str], group: ProcessGroup | None = None) -> list[str]:
     if not _distributed():
         return names
-    return names[dist.get_rank()::dist.get_world_size()]
+    return names[dist.get_rank(group)::dist.get_world_size(group)]
 
 
-def _gather(value: object) -> list[object]:
+def _gather(value: object, group: ProcessGroup | None = None) -> list[object]:
     if not _distributed():
         return [value]
-    gathered: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
     return gathered
 
 
-def digest_files(directory: str, names: list[str]) -> dict[str, FileDigest]:
-    """Digests of ``names`` (relative to ``directory``); every rank calls it with the same names."""
-    mine = {name: file_digest(os.path.join(directory, name)) for name in _share(names)}
+def digest_files(directory: str, names: list[str], group: ProcessGroup | None = None) -> dict[str, FileDigest]:
+    """Digests of ``names`` (relative to ``directory``); every rank (of ``group``, default all)
+    calls it with the same names."""
+    mine = {name: file_digest(os.path.join(directory, name)) for name in _share(names, group)}
     digests: dict[str, FileDigest] = {}
-    for part in _gather(mine):
+    for part in _gather(mine, group):
         digests.update(part)
     return digests
 

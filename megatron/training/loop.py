@@ -19,6 +19,7 @@ from torch import nn
 
 from megatron.backends import Backend, ForwardStep, PipelineBatchFn, StepResult, build_backend
 from megatron.backends.base import average_over_data_parallel
+from megatron.checkpoint.async_save import BackgroundSaver
 from megatron.checkpoint.layout import Topology, checkpoint_tag
 from megatron.checkpoint.protocol import load_checkpoint, open_save_directory, save_checkpoint
 from megatron.checkpoint.reshard import saved_topology
@@ -189,10 +190,12 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
 
 
 def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
-          nan_injection: NanInjection | None = None, watchdog: ProgressWatchdog | None = None) -> TrainState:
+          nan_injection: NanInjection | None = None, watchdog: ProgressWatchdog | None = None,
+          saver: BackgroundSaver | None = None) -> TrainState:
     """Train from ``state`` to ``--train-iters`` (or an exit condition), with periodic logging,
     validation and checkpoints. Every rank calls it. ``watchdog``: a started progress watchdog
-    (the caller's, to watch what follows too; else one for the loop alone)."""
+    (the caller's, to watch what follows too; else one for the loop alone). ``saver``: completes
+    checkpoints in the background (``--async-save``); the caller waits for the last one."""
     logging = run.logging
     writer = build_tensorboard_writer(run)
     peak, source = device_peak_tflops(run.precision.dtype, logging.peak_tflops)  # once (~0.2 s on CPU)
@@ -202,7 +205,7 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
     if watchdog is None:
         watchdog = progress_watchdog(run)
     try:
-        return _train_loop(backend, data, run, state, nan_injection, watchdog, writer, peak)
+        return _train_loop(backend, data, run, state, nan_injection, watchdog, writer, peak, saver)
     finally:
         if own:
             watchdog.stop()
@@ -211,7 +214,8 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
 
 
 def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
-                nan_injection: NanInjection | None, watchdog: ProgressWatchdog, writer: Any, peak: float) -> TrainState:
+                nan_injection: NanInjection | None, watchdog: ProgressWatchdog, writer: Any, peak: float,
+                saver: BackgroundSaver | None) -> TrainState:
     """The loop of ``train``; ``watchdog`` hears of every step, checkpoint and evaluation."""
     training, logging, checkpoint = run.training, run.logging, run.checkpoint
     timers = Timers(synchronize=logging.log_timers)
@@ -237,7 +241,9 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
             _check_skips(state, run)
             with watchdog.writing(checkpoint.save):
-                save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+                save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
+                if stop:
+                    wait_for_checkpoint(saver)
             state.saved_iteration = state.iteration
             timed_saves.saved()
             interval_start = time.perf_counter()
@@ -354,17 +360,42 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
         _final_evaluations(backend, data, run, state, None)
         return state
     watchdog = progress_watchdog(run)  # through the final save and evaluations too
+    save = run.checkpoint.save
+    saver = BackgroundSaver() if save and run.checkpoint.async_save else None
     try:
-        state = train(backend, data, run, state, nan_injection, watchdog)
+        state = train(backend, data, run, state, nan_injection, watchdog, saver)
         if state.stopped_early:
             return state
-        if run.checkpoint.save and state.saved_iteration != state.iteration:  # not saved by an interval
-            with watchdog.writing(run.checkpoint.save):
-                save_checkpoint(run, backend, state.iteration, state.consumed_samples)
+        if save:
+            with watchdog.writing(save):
+                if state.saved_iteration != state.iteration:  # not saved by an interval
+                    save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
+                wait_for_checkpoint(saver)
         _final_evaluations(backend, data, run, state, watchdog)
+    except BaseException:
+        if saver is not None and saver.busy:
+            with watchdog.writing(save):
+                settle_checkpoint(saver)
+        raise
     finally:
         watchdog.stop()
     return state
+
+
+def wait_for_checkpoint(saver: BackgroundSaver | None) -> None:
+    """Block until the checkpoint completing in the background (if any) is complete; its failure
+    (``TrainingAborted``) is raised here."""
+    if saver is not None:
+        saver.wait()
+
+
+def settle_checkpoint(saver: BackgroundSaver | None) -> None:
+    """On the way out after an error: let the checkpoint in flight complete (it holds good
+    weights), and if it fails too, say so without hiding the first error."""
+    try:
+        wait_for_checkpoint(saver)
+    except Exception as error:  # noqa: BLE001 - the error being raised is the one to report
+        print_rank_0(f" note: the checkpoint being completed in the background failed too: {error}")
 
 
 def progress_watchdog(run: RunConfig) -> ProgressWatchdog:

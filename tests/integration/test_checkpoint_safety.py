@@ -242,9 +242,13 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_full_disk_loses_nothing(small_disk: Path, demo_corpus: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_full_disk_loses_nothing(async_save: bool, small_disk: Path, demo_corpus: Path) -> None:
+    """With --async-save the checkpoint that does not fit fails in the background, and the run
+    stops at its end with the same line."""
     save = small_disk / "ckpt"
     args = ["--train-iters", "4", "--lr-decay-iters", "4", "--save", str(save), "--load", str(save), "--save-interval", "2"]
+    args += ["--async-save"] if async_save else []
     out = _run(args)
     assert out.returncode == 1, out.stderr[-3000:]
     line = _one_error_line(out, "checkpoint iter_0000004 could not be written to")

@@ -1,0 +1,114 @@
+"""Asynchronous checkpoints (``--async-save``): the training step waits only for the copy of the
+state to host memory; writing, flushing, hashing, the completion marker and the tracker follow
+in a background thread while training goes on.
+
+A backend writes its checkpoint files at once (the synchronous save) or hands them to a
+``FileSink``: ``Snapshots`` copies the state to host memory (every tensor cloned to the CPU,
+everything else deep-copied, so later steps cannot change what is saved) and keeps the files
+to write; ``BackgroundSaver`` then writes them and completes the
+checkpoint in its thread, with its collectives on a gloo process group of its own, so they
+never interleave with the training's collectives. The directory protocol is the synchronous
+one: staging directory, every file flushed, the manifest, the rename, the tracker. A killed run
+leaves staging, which the next start removes.
+
+One save is in flight at a time: the next save, a stop and the end of the run wait for it; a
+failed background save stops the run at that point with its one-line reason, as a failed
+synchronous save stops it at once.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from megatron import progress
+from megatron.checkpoint.layout import save_torch_file
+
+
+class FileSink(Protocol):
+    """Where a backend's checkpoint files go."""
+
+    def save(self, state: Any, path: str, zipfile: bool = True) -> None:
+        """Write (or keep for writing) ``state`` as the ``torch.save`` file ``path``."""
+
+
+def _tensors(value: Any, found: dict[int, torch.Tensor]) -> None:
+    """Every tensor reachable through dicts, lists and tuples of ``value``, by id."""
+    if isinstance(value, torch.Tensor):
+        found[id(value)] = value
+    elif isinstance(value, dict):
+        for item in value.values():
+            _tensors(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _tensors(item, found)
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` in host memory that later training steps cannot change: tensors cloned
+    to the CPU (the device-to-host copy), everything else deep-copied."""
+    found: dict[int, torch.Tensor] = {}
+    _tensors(state, found)
+    memo: dict[int, Any] = {key: tensor.detach().to("cpu", copy=True) for key, tensor in found.items()}
+    return copy.deepcopy(state, memo)
+
+
+@dataclass
+class Snapshots:
+    """The files of one checkpoint, copied to host memory, for ``write_all`` to write later."""
+
+    files: list[tuple[str, Any, bool]] = field(default_factory=list)
+
+    def save(self, state: Any, path: str, zipfile: bool = True) -> None:
+        self.files.append((path, snapshot(state), zipfile))
+
+    def write_all(self) -> None:
+        """Write and flush every kept file, then forget it (the host memory is freed)."""
+        while self.files:
+            path, state, zipfile = self.files.pop(0)
+            save_torch_file(state, path, zipfile)
+            progress.report()
+
+
+class BackgroundSaver:
+    """Completes one checkpoint at a time in a background thread. Every rank makes one (it
+    creates the checkpoint process group, a collective) and calls ``start`` and ``wait`` at the
+    same points of the run."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, work: Callable[[], None], name: str) -> None:
+        """Run ``work`` in the background (after the previous save, which must be waited for)."""
+        assert self._thread is None, "wait() for the previous checkpoint first"
+        self._error = None
+        self._thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the training thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is complete; re-raise its failure here."""
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        thread.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error

@@ -1,0 +1,59 @@
+"""The pieces of ``--async-save``: a snapshot later steps cannot change, files written from it
+equal to a direct save, and a background failure raised where the training thread waits."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron.checkpoint.async_save import BackgroundSaver, Snapshots, snapshot
+
+
+def _state() -> dict:
+    weight = torch.arange(6.0).reshape(2, 3)
+    return {"model": {"weight": weight, "bias_view": weight[0]}, "step": 3, "groups": [{"lr": 0.1, "params": [0]}],
+            "rng": (torch.get_rng_state(), 7), "args": argparse.Namespace(lr=0.1), "none": None}
+
+
+def test_a_snapshot_does_not_change_when_training_does() -> None:
+    state = _state()
+    copy = snapshot(state)
+    state["model"]["weight"].add_(100.0)
+    state["groups"][0]["lr"] = 0.5
+    state["args"].lr = 0.5
+    assert torch.equal(copy["model"]["weight"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(copy["model"]["bias_view"], torch.arange(3.0))
+    assert copy["groups"][0]["lr"] == 0.1 and copy["args"].lr == 0.1
+    assert copy["step"] == 3 and copy["none"] is None and copy["rng"][1] == 7
+
+
+def test_written_snapshots_load_as_the_state(tmp_path: Path) -> None:
+    state = _state()
+    sink = Snapshots()
+    sink.save(state, str(tmp_path / "a" / "model.pt"))
+    sink.save(state["model"], str(tmp_path / "b.pt"), zipfile=False)
+    state["model"]["weight"].zero_()
+    sink.write_all()
+    assert not sink.files, "the host copies are released once written"
+    loaded = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
+    assert torch.equal(loaded["model"]["weight"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(torch.load(tmp_path / "b.pt")["weight"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_a_background_failure_is_raised_by_wait() -> None:
+    saver = BackgroundSaver()  # no process group: none is created
+    done = []
+    saver.start(lambda: done.append(1), "iter_1")
+    saver.wait()
+    assert done == [1] and not saver.busy
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    saver.start(fail, "iter_2")
+    with pytest.raises(OSError, match="No space left"):
+        saver.wait()
+    saver.wait()  # nothing in flight any more
