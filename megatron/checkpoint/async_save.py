@@ -19,6 +19,7 @@ synchronous save stops it at once.
 from __future__ import annotations
 
 import copy
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,6 +77,15 @@ class Snapshots:
             progress.report()
 
 
+def _yield_to_training() -> None:
+    """Lower this thread's CPU priority (Linux: a thread's own nice value), so that the training
+    threads win when both want a core; the checkpoint then takes the idle time between them."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 class BackgroundSaver:
     """Completes one checkpoint at a time in a background thread. Every rank makes one (it
     creates the checkpoint process group, a collective) and calls ``start`` and ``wait`` at the
@@ -98,6 +108,7 @@ class BackgroundSaver:
         self._thread.start()
 
     def _run(self, work: Callable[[], None]) -> None:
+        _yield_to_training()
         try:
             work()
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread by wait()
