@@ -35,10 +35,12 @@ from megatron.launch import free_port  # noqa: E402
 PAPER_BYTES = {0: lambda n: 16.0, 1: lambda n: 4 + 12 / n, 2: lambda n: 2 + 14 / n, 3: lambda n: 16 / n}
 
 
-def live_tensor_bytes(exclude: list[torch.Tensor]) -> int:
-    """Bytes of distinct storages of all live tensors (and parameters) on this process."""
+def live_tensor_bytes(exclude: list[torch.Tensor]) -> dict[str, int]:
+    """Bytes of distinct storages of all live tensors (and parameters) on this process, by the
+    dtype of a tensor viewing each storage."""
     excluded = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
+    dtypes: dict[int, str] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
@@ -50,7 +52,11 @@ def live_tensor_bytes(exclude: list[torch.Tensor]) -> int:
         ptr = storage.data_ptr()
         if ptr and ptr not in excluded:
             seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-    return sum(seen.values())
+            dtypes.setdefault(ptr, str(obj.dtype).replace("torch.", ""))
+    by_dtype: dict[str, int] = {}
+    for ptr, nbytes in seen.items():
+        by_dtype[dtypes[ptr]] = by_dtype.get(dtypes[ptr], 0) + nbytes
+    return by_dtype
 
 
 def parse_args() -> argparse.Namespace:
@@ -116,13 +122,17 @@ def measure(bench: argparse.Namespace, stage: int) -> dict[str, float]:
     gc.collect()
     held = live_tensor_bytes([tokens])
     backend.model.step()
-    total = torch.tensor([float(held)], dtype=torch.float64, device=run.device)
-    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    names = sorted(held)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, held)
+    busiest = max(gathered, key=lambda rank: sum(rank.values()))  # the rank holding the most
+    total = sum(busiest.values())
     n = dist.get_world_size()
     expected = PAPER_BYTES[stage](n) * num_params
-    return {"stage": stage, "ranks": n, "parameters": num_params, "bytes_per_rank": total.item(),
-            "bytes_per_param": total.item() / num_params, "paper_bytes_per_param": PAPER_BYTES[stage](n),
-            "ratio_to_paper": total.item() / expected}
+    return {"stage": stage, "ranks": n, "parameters": num_params, "bytes_per_rank": float(total),
+            "bytes_per_param": total / num_params, "paper_bytes_per_param": PAPER_BYTES[stage](n),
+            "ratio_to_paper": total / expected,
+            "bytes_per_param_by_dtype": {name: busiest.get(name, 0) / num_params for name in names}}
 
 
 def run_worker(bench: argparse.Namespace) -> None:
@@ -166,11 +176,13 @@ def main() -> None:
             for ranks in bench.ranks for stage in bench.stages]
     print(f"\nZeRO model-state memory per rank ({bench.precision}, {rows[0]['parameters'] / 1e6:.2f}M parameters, "
           "measured with gradients present, before the optimizer step)")
-    print("| ranks | stage | MB per rank | bytes/param | paper bytes/param | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| ranks | stage | MB per rank | bytes/param | paper bytes/param | ratio | bytes/param by dtype |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
+        split = ", ".join(f"{name} {value:.2f}" for name, value in row["bytes_per_param_by_dtype"].items() if value)
         print(f"| {row['ranks']} | {row['stage']} | {row['bytes_per_rank'] / 2**20:.1f} | "
-              f"{row['bytes_per_param']:.2f} | {row['paper_bytes_per_param']:.2f} | {row['ratio_to_paper']:.3f} |")
+              f"{row['bytes_per_param']:.2f} | {row['paper_bytes_per_param']:.2f} | {row['ratio_to_paper']:.3f} | "
+              f"{split} |")
     for ranks in bench.ranks:
         for stage in bench.stages:
             os.remove(bench.output + f".{ranks}.{stage}.tmp")
