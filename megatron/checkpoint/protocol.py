@@ -269,6 +269,7 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
         saver.wait()  # one checkpoint in flight at a time; a failed one stops the run here
     save = run.checkpoint.save
     check_weights_finite(backend, iteration)
+    _say(f"saving checkpoint at iteration {iteration:7d} to {save}" + (" (in the background)" if saver else ""))
     tag = checkpoint_tag(iteration)
     staging_tag, final_dir = tag + ".tmp", os.path.join(save, tag)
     staging_dir = os.path.join(save, staging_tag)
@@ -314,6 +315,7 @@ def _complete(run: RunConfig, staging_dir: str, iteration: int, failure: str | N
     if _rank() == 0:
         apply_retention(save, run.checkpoint.keep_last_n)
     _barrier(group)
+    _say(f"  successfully saved checkpoint at iteration {iteration:7d} to {save}")
 
 
 def check_load_directory(load: str) -> None:
