@@ -1,9 +1,10 @@
-"""GPT-2's pre-tokenisation regex, compiled for the Rust ``tokenizers`` pipeline.
+"""GPT-2's pre-tokenisation regex, for the Rust regex engines of ``tiktoken`` and ``tokenizers``.
 
-GPT-2 splits text with ``regex`` (Python) using ``\\p{L}``, ``\\p{N}`` and ``\\s``. The Oniguruma
-engine inside ``tokenizers`` ships older Unicode tables, so for a few thousand recently assigned
-code points its ``\\p{L}`` disagrees with Python's and the ids would differ from GPT-2's. We
-therefore spell the three classes out as explicit code-point ranges taken from the installed
+GPT-2 splits text with ``regex`` (Python) using ``\\p{L}``, ``\\p{N}`` and ``\\s``. The engines
+inside ``tiktoken`` (fancy-regex) and ``tokenizers`` (Oniguruma) ship their own Unicode tables; where
+these are older, for a few thousand recently assigned code points their ``\\p{L}`` disagrees with
+Python's and the ids would differ from GPT-2's. We therefore spell the three classes out as explicit
+code-point ranges (``\\x{41}-\\x{5a}``, a syntax both engines read) taken from the installed
 ``regex`` module: the split is then exactly the reference's, and still runs in Rust.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import regex
 
 _SURROGATES = range(0xD800, 0xE000)
@@ -18,7 +20,11 @@ _SURROGATES = range(0xD800, 0xE000)
 
 def _all_code_points() -> str:
     """Every code point except surrogates, in order (index i maps back via ``_code_point``)."""
-    return "".join(chr(cp) for cp in range(0x110000) if cp not in _SURROGATES)
+    # Decoding UTF-32 builds the 1.1M characters in C: 10x faster than joining chr()s, and a
+    # tokenizer built in a fresh process (a DataLoader worker) computes the pattern again.
+    code_points = np.concatenate([np.arange(_SURROGATES.start, dtype="<u4"),
+                                  np.arange(_SURROGATES.stop, 0x110000, dtype="<u4")])
+    return code_points.tobytes().decode("utf-32-le")
 
 
 def _code_point(index: int) -> int:

@@ -1,8 +1,9 @@
 """Tokenizers for GPT-2 pretraining: the abstract contract and GPT-2's byte-level BPE.
 
 ``GPT2BPETokenizer`` reads GPT-2's two files (``vocab.json``, ``merges.txt``) and encodes with
-Hugging Face ``tokenizers`` (Rust). Its ids equal GPT-2's published byte-level BPE for any
-Unicode text; ``tests/test_tokenizer.py`` checks that against ``tools/reference_gpt2_bpe.py``.
+``tiktoken`` (Rust), or with Hugging Face ``tokenizers`` for merge lists tiktoken cannot reproduce
+(``tiktoken_bpe``). Its ids equal GPT-2's published byte-level BPE for any Unicode text;
+``tests/unit/tokenizer`` checks that against ``tools/reference_gpt2_bpe.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -17,6 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from megatron.errors import ConfigError
 from megatron.tokenizer.pretokenize import gpt2_split_pattern
+from megatron.tokenizer.tiktoken_bpe import TiktokenBPE, TiktokenRanks, tiktoken_ranks
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -136,6 +139,14 @@ def _file_digest(*paths: str) -> str:
     return digest.hexdigest()
 
 
+def hf_encode_batch(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of each text, special tokens neither added nor recognised."""
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nobody here reads:
+    # about 1.45x the throughput of encode_batch on the demo corpus, the same ids.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
+
 class HFTokenizerBackend(AbstractTokenizer):
     """Encoding and decoding through a Hugging Face ``tokenizers.Tokenizer`` in ``self._tokenizer``
     (special tokens are neither added nor skipped: ids map one to one to text)."""
@@ -146,26 +157,30 @@ class HFTokenizerBackend(AbstractTokenizer):
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        # encode_batch_fast (tokenizers >= 0.20) skips the character offsets nobody here reads:
-        # about 1.45x the throughput of encode_batch on the demo corpus, the same ids.
-        encode = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        encodings = encode(list(texts), add_special_tokens=False)
-        return [encoding.ids for encoding in encodings]
+        return hf_encode_batch(self._tokenizer, texts)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-class GPT2BPETokenizer(HFTokenizerBackend):
+BACKENDS = ("auto", "tokenizers")
+
+
+class GPT2BPETokenizer(AbstractTokenizer):
     """GPT-2's byte-level BPE from ``vocab_file`` + ``merge_file``, encoded in Rust.
 
     No prefix space is added and ``<|endoftext|>`` inside text is ordinary text, as in GPT-2;
-    ``eod`` is its id, for the data pipeline to insert between documents.
+    ``eod`` is its id, for the data pipeline to insert between documents. ``backend="auto"``
+    encodes with tiktoken when its rank order reproduces the merges (``tiktoken_bpe``; true of
+    trained vocabularies), else with Hugging Face ``tokenizers`` and a warning saying why;
+    ``"tokenizers"`` always uses the latter (the benchmark's comparison). ``self.backend`` says which.
     """
 
     name = "GPT2BPETokenizer"
 
-    def __init__(self, vocab_file: str, merge_file: str) -> None:
+    def __init__(self, vocab_file: str, merge_file: str, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
         vocab = _read_vocab(vocab_file, merge_file)
         merges = _read_merges(merge_file)
         _check_files_match(vocab, merges, vocab_file, merge_file)
@@ -173,17 +188,8 @@ class GPT2BPETokenizer(HFTokenizerBackend):
         self.fingerprint = _file_digest(vocab_file, merge_file)
         self._vocab_size = len(vocab)
         self._eod = vocab[EOD_TOKEN]
-        self._tokenizer = self._build_rust_tokenizer(vocab, merges)
-
-    @staticmethod
-    def _build_rust_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
-        tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(gpt2_split_pattern()), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-        tokenizer.decoder = decoders.ByteLevel()
-        return tokenizer
+        self._requested_backend = backend
+        self.backend, self._encoder = _build_encoder(vocab, merges, backend, self)
 
     @property
     def vocab_size(self) -> int:
@@ -193,9 +199,61 @@ class GPT2BPETokenizer(HFTokenizerBackend):
     def eod(self) -> int:
         return self._eod
 
+    def tokenize(self, text: str) -> list[int]:
+        return self._encoder.encode(text)
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._encoder.encode_batch(texts)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._encoder.decode(ids)
+
     def __getstate__(self) -> dict:
-        # The Rust tokenizer pickles fine, but rebuilding keeps DataLoader workers light.
-        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file}
+        # Rebuilding from the files keeps DataLoader workers light.
+        return {"vocab_file": self.vocab_file, "merge_file": self.merge_file,
+                "backend": self._requested_backend}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["vocab_file"], state["merge_file"])
+        self.__init__(state["vocab_file"], state["merge_file"], state.get("backend", "auto"))
+
+
+_CHECKED_RANKS: dict[str, TiktokenRanks | str] = {}  # by file digest: forked workers skip the check
+
+
+def _build_encoder(vocab: dict[str, int], merges: list[tuple[str, str]], backend: str,
+                   files: GPT2BPETokenizer) -> tuple[str, TiktokenBPE | _HFBPE]:
+    """``("tiktoken", encoder)`` unless ``backend`` is "tokenizers" or tiktoken cannot reproduce
+    the merges (then a warning says why), else ``("tokenizers", encoder)``."""
+    if backend == "tokenizers":
+        return "tokenizers", _HFBPE(vocab, merges)
+    ranks = _CHECKED_RANKS.get(files.fingerprint)
+    if ranks is None:
+        if len(_CHECKED_RANKS) >= 4:
+            _CHECKED_RANKS.clear()
+        ranks = _CHECKED_RANKS[files.fingerprint] = tiktoken_ranks(vocab, merges)
+    if isinstance(ranks, str):
+        warnings.warn(f"{files.merge_file}: encoding with Hugging Face tokenizers, not tiktoken, "
+                      f"whose rank order would change the ids: {ranks}", stacklevel=3)
+        return "tokenizers", _HFBPE(vocab, merges)
+    return "tiktoken", TiktokenBPE(vocab, ranks, gpt2_split_pattern())
+
+
+class _HFBPE:
+    """GPT-2's BPE in Hugging Face ``tokenizers``, which merges by pair as GPT-2 does."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+        self._tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        self._tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(gpt2_split_pattern()), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        self._tokenizer.decoder = decoders.ByteLevel()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return hf_encode_batch(self._tokenizer, texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)

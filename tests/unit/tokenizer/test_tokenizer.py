@@ -1,4 +1,5 @@
-"""GPT2BPETokenizer: ids identical to the pure-Python GPT-2 reference; clear errors for bad files."""
+"""GPT2BPETokenizer: ids identical to the pure-Python GPT-2 reference and to the Hugging Face
+backend; clear errors for bad files."""
 
 from __future__ import annotations
 
@@ -50,11 +51,15 @@ def unicode_tokenizer_files(tmp_path_factory, random_strings) -> tuple[str, str]
 
 
 def assert_same_ids(reference_bpe: type, vocab: str, merges: str, texts: list[str]) -> None:
+    """tiktoken's ids equal the reference's and the Hugging Face backend's; both decode back."""
     tokenizer, reference = GPT2BPETokenizer(vocab, merges), reference_bpe(vocab, merges)
+    hf = GPT2BPETokenizer(vocab, merges, backend="tokenizers")
+    assert tokenizer.backend == "tiktoken"
     got = tokenizer.tokenize_batch(texts)
+    assert got == hf.tokenize_batch(texts)
     for text, ids in zip(texts, got):
         assert ids == reference.encode(text), f"ids differ for {text!r}"
-        assert tokenizer.detokenize(ids) == text
+        assert tokenizer.detokenize(ids) == text == hf.detokenize(ids)
 
 
 def test_random_unicode_matches_reference_demo_vocab(reference_bpe, demo_paths, random_strings):
