@@ -134,7 +134,9 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                        help="torch.distributed backend (default: nccl with GPUs, else gloo)")
     group.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the launchers")
-    group.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here")
+    group.add_argument("--tensorboard-dir", default=None,
+                       help="write TensorBoard scalars here (default: tb/ in the experiment directory)")
+    group.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
     group.add_argument("--exp-dir", default=None,
                        help="experiment directory for hparams.json, githash.log, gitdiff.log "
                             "(default: experiments/<timestamp>)")
@@ -242,6 +244,9 @@ def validate_training_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
     if not args.progress_timeout_minutes >= 0:
         raise ConfigError(f"--progress-timeout-minutes must be >= 0 (0: never), got {args.progress_timeout_minutes}")
+    if args.no_tensorboard and args.tensorboard_dir:
+        raise ConfigError(f"--no-tensorboard and --tensorboard-dir {args.tensorboard_dir} contradict each other; "
+                          "drop one")
     if args.async_save and not args.save:
         raise ConfigError("--async-save changes how checkpoints are written, but no --save is given: add --save DIR, "
                           "or drop --async-save")
@@ -541,7 +546,8 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
 
 def logging_config(args: argparse.Namespace) -> LoggingConfig:
     return LoggingConfig(log_interval=args.log_interval, log_timers=args.log_timers,
-                         tensorboard_dir=args.tensorboard_dir, exp_dir=args.exp_dir,
+                         tensorboard_dir=args.tensorboard_dir, tensorboard=not args.no_tensorboard,
+                         exp_dir=args.exp_dir,
                          peak_tflops=args.peak_tflops)
 
 

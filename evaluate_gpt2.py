@@ -4,7 +4,8 @@
         --vocab-file V --merge-file M --valid-data wiki.test.tokens --overlapping-eval 32
     ... --valid-data lambada_test.jsonl --cloze-eval
 
-Perplexity (Megatron's method): the detokenized file is one token stream, scored in windows of
+Perplexity (Megatron's method): the detokenized file is one token stream (a loose-JSON corpus,
+``*.json``/``*.jsonl`` as training reads it: its documents, each ended by ``<|endoftext|>``), scored in windows of
 ``--seq-length`` targets starting every ``--overlapping-eval`` tokens; the first window scores all
 its targets, later ones only their last ``--overlapping-eval`` (each target once, with the most
 context the window allows). ``adjusted ppl`` rescales the loss by the token ratio
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron import mpu
+from megatron.data.loose_json import iter_json_texts
 from megatron.errors import ConfigError
 from megatron.inference import (
     InferenceModel,
@@ -119,12 +121,28 @@ def read_text(path: str) -> str:
                           "convert it to UTF-8") from None
 
 
+def is_loose_json(path: str) -> bool:
+    return path.endswith((".json", ".jsonl"))
+
+
+def stream_of(path: str, tokenizer: AbstractTokenizer, detokenize: bool, text_key: str) -> tuple[list[int], int]:
+    """(tokens, whitespace words) of ``--valid-data``: a text file is one stream; a loose-JSON
+    corpus (training's format) is its documents, each followed by the end-of-document token."""
+    if not is_loose_json(path):
+        text = read_text(path)
+        if detokenize:
+            text = wikitext_detokenize(text)
+        return tokenizer.tokenize(text), len(text.strip().split(" "))
+    tokens: list[int] = []
+    words = 0
+    for text in iter_json_texts(path, text_key):
+        tokens += tokenizer.tokenize(text) + [tokenizer.eod]
+        words += len(text.strip().split(" "))
+    return tokens, words
+
+
 def evaluate_perplexity(loaded: InferenceModel, args: argparse.Namespace) -> dict:
-    text = read_text(args.valid_data[0])
-    if not args.no_detokenize:
-        text = wikitext_detokenize(text)
-    tokens = loaded.tokenizer.tokenize(text)
-    words = len(text.strip().split(" "))
+    tokens, words = stream_of(args.valid_data[0], loaded.tokenizer, not args.no_detokenize, args.text_key)
     if len(tokens) < 2 or words < 2:
         raise ConfigError(f"--valid-data {args.valid_data[0]} holds too little text to evaluate")
     avg_loss = total_loss(loaded, tokens, args) / (len(tokens) - 1)

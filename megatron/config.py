@@ -122,7 +122,8 @@ class TrainingConfig:
 class LoggingConfig:
     log_interval: int = 100
     log_timers: bool = False
-    tensorboard_dir: str | None = None
+    tensorboard_dir: str | None = None  # None: <exp_dir>/tb
+    tensorboard: bool = True  # not --no-tensorboard
     exp_dir: str | None = None  # None: experiments/<timestamp>
     peak_tflops: float | None = None  # None: GPU table, or a matmul measured on CPU
 

@@ -41,13 +41,28 @@ def hparams(run: RunConfig) -> dict[str, Any]:
     return {**json.loads(run.flags_json), **derived}
 
 
-def record_experiment(run: RunConfig) -> None:
+def new_experiment_dir() -> str:
+    """``experiments/gpt2-<timestamp>``, made here; a run started in the same second as another
+    gets ``-2``, ``-3``...: a run never writes into another's record."""
+    base = os.path.join("experiments", time.strftime("gpt2-%Y%m%d-%H%M%S"))
+    os.makedirs("experiments", exist_ok=True)
+    for number in range(1, 10_000):
+        candidate = base if number == 1 else f"{base}-{number}"
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: too many experiment directories started this second")
+
+
+def record_experiment(run: RunConfig) -> str | None:
     """Rank 0 writes hparams.json (flags and derived values, flat), run_config.json (the RunConfig's
     sections), githash.log and gitdiff.log into ``--exp-dir`` (default
-    ``experiments/gpt2-<timestamp>``)."""
+    ``experiments/gpt2-<timestamp>``) and returns that directory; other ranks return None."""
     if dist.get_rank() != 0:
-        return
-    exp_dir = run.logging.exp_dir or os.path.join("experiments", time.strftime("gpt2-%Y%m%d-%H%M%S"))
+        return None
+    exp_dir = run.logging.exp_dir or new_experiment_dir()
     os.makedirs(exp_dir, exist_ok=True)
     with open(os.path.join(exp_dir, "hparams.json"), "w") as handle:
         json.dump(hparams(run), handle, indent=2, sort_keys=True, default=str)
@@ -59,15 +74,7 @@ def record_experiment(run: RunConfig) -> None:
         handle.write(_git("rev-parse", "HEAD"))
     with open(os.path.join(exp_dir, "gitdiff.log"), "w") as handle:
         handle.write(_git("diff", "HEAD"))
-
-
-def build_tensorboard_writer(run: RunConfig) -> Any:
-    """A SummaryWriter on rank 0 with ``--tensorboard-dir``, else None."""
-    if run.logging.tensorboard_dir is None or dist.get_rank() != 0:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir=run.logging.tensorboard_dir)
+    return exp_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,12 +33,12 @@ from megatron.training.exit import ExitConditions, TimedSaves
 from megatron.training.flops import device_peak_tflops, model_flops_per_token, utilization
 from megatron.training.log import (
     IntervalReport,
-    build_tensorboard_writer,
     log_line,
     print_rank_0,
     record_experiment,
     write_scalars,
 )
+from megatron.training.runlog import Outcome, RunLog, summary_lines
 from megatron.training.timers import Timers, memory_report
 from megatron.training.watchdog import ProgressWatchdog
 
@@ -62,6 +62,7 @@ class TrainState:
     saved_iteration: int | None = None  # the iteration this run last checkpointed
     last_grad_norm: torch.Tensor | None = None
     last_skipped: torch.Tensor | None = None
+    last_loss: float | None = None  # the newest log line's lm loss
 
 
 class NanInjection:
@@ -180,6 +181,7 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
                   elapsed: float, peak_tflops: float) -> None:
     report = interval_report(state, backend, run, elapsed, peak_tflops)
     state.skipped_iterations += report.skipped
+    state.last_loss = report.loss if math.isfinite(report.loss) else state.last_loss
     print_rank_0(log_line(report, run.training.train_iters))
     write_scalars(writer, report)
     if run.logging.log_timers:
@@ -191,13 +193,16 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
 
 def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
           nan_injection: NanInjection | None = None, watchdog: ProgressWatchdog | None = None,
-          saver: BackgroundSaver | None = None) -> TrainState:
+          saver: BackgroundSaver | None = None, log: RunLog | None = None) -> TrainState:
     """Train from ``state`` to ``--train-iters`` (or an exit condition), with periodic logging,
     validation and checkpoints. Every rank calls it. ``watchdog``: a started progress watchdog
     (the caller's, to watch what follows too; else one for the loop alone). ``saver``: completes
-    checkpoints in the background (``--async-save``); the caller waits for the last one."""
+    checkpoints in the background (``--async-save``); the caller waits for the last one. ``log``:
+    where scalars and curves go (the caller's, which it closes; else one with only
+    ``--tensorboard-dir``, closed here)."""
     logging = run.logging
-    writer = build_tensorboard_writer(run)
+    own_log = log is None
+    log = run_log(run, None) if log is None else log
     peak, source = device_peak_tflops(run.precision.dtype, logging.peak_tflops)  # once (~0.2 s on CPU)
     print_rank_0(f" > peak TFLOP/s per device for MFU: {peak:.3f} ({source}, {run.precision.dtype})")
     backend.train()
@@ -205,16 +210,16 @@ def train(backend: Backend, data: DataIterators, run: RunConfig, state: TrainSta
     if watchdog is None:
         watchdog = progress_watchdog(run)
     try:
-        return _train_loop(backend, data, run, state, nan_injection, watchdog, writer, peak, saver)
+        return _train_loop(backend, data, run, state, nan_injection, watchdog, log, peak, saver)
     finally:
         if own:
             watchdog.stop()
-        if writer is not None:
-            writer.close()
+        if own_log:
+            log.close()
 
 
 def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
-                nan_injection: NanInjection | None, watchdog: ProgressWatchdog, writer: Any, peak: float,
+                nan_injection: NanInjection | None, watchdog: ProgressWatchdog, log: RunLog, peak: float,
                 saver: BackgroundSaver | None) -> TrainState:
     """The loop of ``train``; ``watchdog`` hears of every step, checkpoint and evaluation."""
     training, logging, checkpoint = run.training, run.logging, run.checkpoint
@@ -234,7 +239,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         _record_step(state, result, run)
         if state.iteration % logging.log_interval == 0:
             _check_skips(state, run)
-            _log_interval(state, backend, run, writer, timers, time.perf_counter() - interval_start, peak)
+            _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start, peak)
             interval_start = time.perf_counter()
         stop = exits.should_exit(state.iteration)
         timed = checkpoint.save is not None and timed_saves.due()
@@ -244,6 +249,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
                 save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
                 if stop:
                     wait_for_checkpoint(saver)
+            log.plot()
             state.saved_iteration = state.iteration
             timed_saves.saved()
             interval_start = time.perf_counter()
@@ -253,7 +259,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
             state.stopped_early = True
             break
         if data.do_valid and state.iteration % training.eval_interval == 0:
-            evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, writer,
+            evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, log,
                                        state.iteration, watchdog.beat)
             watchdog.beat()
             interval_start = time.perf_counter()
@@ -331,7 +337,26 @@ def _saved_world_size(run: RunConfig, backend: Backend, iteration: int) -> int |
 
 def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
               forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None) -> TrainState:
-    record_experiment(run)
+    log = run_log(run, record_experiment(run))
+    try:
+        return _train_and_summarise(run, model_provider, data_provider, forward_step, pipeline_batch, log)
+    finally:
+        log.close()
+
+
+def run_log(run: RunConfig, exp_dir: str | None) -> RunLog:
+    """This rank's ``RunLog``: on rank 0 TensorBoard events in ``--tensorboard-dir``, else in
+    ``exp_dir/tb`` (none with ``--no-tensorboard``), and ``loss.png`` in ``exp_dir``."""
+    logging = run.logging
+    tensorboard_dir = None
+    if run.parallel.rank == 0 and logging.tensorboard:
+        tensorboard_dir = logging.tensorboard_dir or (os.path.join(exp_dir, "tb") if exp_dir else None)
+    return RunLog(exp_dir if run.parallel.rank == 0 else None, tensorboard_dir,
+                  run.global_batch_size * run.data.seq_length)
+
+
+def _train_and_summarise(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,
+                         forward_step: ForwardStep, pipeline_batch: PipelineBatchFn | None, log: RunLog) -> TrainState:
     nan_injection = NanInjection.from_environment(forward_step)
     backend = build_backend(model_provider(run), run, nan_injection or forward_step, pipeline_batch)
     state, rng_states = TrainState(), None
@@ -362,16 +387,25 @@ def _pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: Data
     watchdog = progress_watchdog(run)  # through the final save and evaluations too
     save = run.checkpoint.save
     saver = BackgroundSaver() if save and run.checkpoint.async_save else None
+    first_iteration, started = state.iteration, time.perf_counter()
     try:
-        state = train(backend, data, run, state, nan_injection, watchdog, saver)
-        if state.stopped_early:
-            return state
-        if save:
-            with watchdog.writing(save):
-                if state.saved_iteration != state.iteration:  # not saved by an interval
-                    save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
-                wait_for_checkpoint(saver)
-        _final_evaluations(backend, data, run, state, watchdog)
+        state = train(backend, data, run, state, nan_injection, watchdog, saver, log)
+        losses: tuple[float | None, float | None] = (None, None)
+        if not state.stopped_early:
+            if save:
+                with watchdog.writing(save):
+                    if state.saved_iteration != state.iteration:  # not saved by an interval
+                        save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
+                        state.saved_iteration = state.iteration
+                    wait_for_checkpoint(saver)
+            losses = _final_evaluations(backend, data, run, state, watchdog, log)
+        seconds = time.perf_counter() - started
+        log.plot()
+        checkpoint = os.path.join(save, checkpoint_tag(state.saved_iteration)) if state.saved_iteration else None
+        outcome = Outcome(first_iteration, state.iteration, state.consumed_samples, seconds, state.last_loss,
+                          *losses, checkpoint)
+        for line in summary_lines(run, outcome, log) if run.parallel.rank == 0 else []:
+            print(line, flush=True)
     except BaseException:
         if saver is not None and saver.busy:
             with watchdog.writing(save):
@@ -406,10 +440,14 @@ def progress_watchdog(run: RunConfig) -> ProgressWatchdog:
 
 
 def _final_evaluations(backend: Backend, data: DataIterators, run: RunConfig, state: TrainState,
-                       watchdog: ProgressWatchdog | None) -> None:
+                       watchdog: ProgressWatchdog | None, log: RunLog | None = None) -> tuple[float | None, float | None]:
+    """(validation, test) loss at the end of training (None where there is no such data)."""
     beat = watchdog.beat if watchdog is not None else None
+    valid = test = None
     if data.do_valid:
-        evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",
-                                   backend, data.valid, run, progress=beat)
+        valid = evaluate_and_print_results(f"the end of training for val data | iteration {state.iteration}",
+                                           backend, data.valid, run, log, state.iteration, progress=beat)
     if data.do_test:
-        evaluate_and_print_results("the end of training for test data", backend, data.test, run, progress=beat)
+        test = evaluate_and_print_results("the end of training for test data", backend, data.test, run,
+                                          progress=beat)
+    return valid, test
