@@ -23,6 +23,8 @@ if [ "$HAVE_GPU" = 1 ]; then
 else
   DEFAULT_GPUS=2  # CPU ranks (gloo)
   DEFAULT_PRECISION=fp32
+  # DeepSpeed (its launcher and every rank) then warns once per process that it fell back to CPU.
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-$DEFAULT_GPUS}
 NNODES_GIVEN=${NNODES:-}
