@@ -65,7 +65,20 @@ def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key:
     if not isinstance(text, str):
         raise LooseJSONError(f"{path}:{number}: {text_key!r} is a {type(text).__name__}, "
                              "expected a string")
+    if (b"\\ud" in line or b"\\uD" in line) and _has_lone_surrogate(text):
+        raise LooseJSONError(f"{path}:{number}: {text_key!r} holds a lone surrogate (an unpaired "
+                             "\\ud800-\\udfff escape), which is not text; fix or remove the line, "
+                             "or pass --skip-bad-lines to skip and count it")
     return text
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a surrogate code point JSON decoded from an unpaired escape."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def check_corpus_file(path: str | os.PathLike, flag: str = "--train-data") -> None:

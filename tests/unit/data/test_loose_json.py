@@ -78,6 +78,11 @@ def test_bad_lines_name_file_and_line(tmp_path, demo_paths, demo_tokenizer):
         list(iter_json_texts(path, text_key="body"))
     with pytest.raises(LooseJSONError, match="malformed"):
         build(demo_paths, demo_tokenizer, path, (5, 0, 0))
+    # An unpaired \u escape decodes to a lone surrogate, which no tokenizer can encode.
+    path.write_text('{"text": "pair \\ud83d\\ude00 fine"}\n{"text": "lone \\ud800 x"}\n', encoding="utf-8")
+    with pytest.raises(LooseJSONError, match=r"bad.json:2: 'text' holds a lone surrogate.*--skip-bad-lines"):
+        list(iter_json_texts(path))
+    assert list(iter_json_texts(path, skip_bad_lines=True)) == ["pair \U0001F600 fine"]
 
 
 def test_too_little_data_and_missing_file(tmp_path, demo_paths, demo_tokenizer):

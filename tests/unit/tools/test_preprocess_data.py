@@ -1,0 +1,48 @@
+"""tools/preprocess_data.py through the tiktoken backend: the same .bin/.idx bytes as the Hugging
+Face backend on the demo corpus, a timeline for the benchmark, lone surrogates as bad lines."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from data_helpers import run_data_tool
+
+from megatron.tokenizer import GPT2BPETokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
+
+from preprocess_data import preprocess  # noqa: E402
+
+pytest_plugins = ["data_helpers"]  # demo_paths fixture
+
+
+def test_demo_corpus_bytes_equal_the_hugging_face_backend(tmp_path, demo_paths):
+    files = str(demo_paths["vocab"]), str(demo_paths["merges"])
+    assert GPT2BPETokenizer(*files).backend == "tiktoken"
+    outputs = {}
+    for name, backend, workers in (("hf", "tokenizers", 1), ("tiktoken1", "auto", 1), ("tiktoken2", "auto", 2)):
+        factory = functools.partial(GPT2BPETokenizer, *files, backend=backend)
+        stats = preprocess(str(demo_paths["data"]), str(tmp_path / name), factory, ["text"],
+                           append_eod=True, workers=workers, progress=False)
+        prefix = tmp_path / f"{name}_text_document"
+        outputs[name] = (prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes())
+        times, done = zip(*stats.timeline)
+        assert list(times) == sorted(times) and times[-1] <= stats.seconds
+        assert list(done) == sorted(done) and done[-1] == stats.bytes
+    assert len(outputs["hf"][0]) > 1_000_000
+    assert outputs["tiktoken1"] == outputs["hf"] == outputs["tiktoken2"]
+
+
+def test_lone_surrogate_is_a_bad_line(tmp_path, demo_paths):
+    (tmp_path / "in.json").write_text('{"text": "fine"}\n{"text": "lone \\udc80"}\n', encoding="utf-8")
+    common = ["--input", str(tmp_path / "in.json"), "--output-prefix", str(tmp_path / "out"),
+              "--vocab-file", str(demo_paths["vocab"]), "--merge-file", str(demo_paths["merges"]),
+              "--no-progress", "--workers", "2"]
+    code, _, err = run_data_tool("preprocess_data.py", *common)
+    assert code == 2 and "in.json:2: 'text' holds a lone surrogate" in err and "Traceback" not in err
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    stats = preprocess(str(tmp_path / "in.json"), str(tmp_path / "out"), factory, ["text"],
+                       append_eod=True, workers=2, skip_bad_lines=True, progress=False)
+    assert (stats.documents, stats.bad_lines) == (1, 1)
