@@ -1,13 +1,19 @@
-"""Preprocessing throughput: Rust-backed GPT2BPETokenizer (1 and 2 workers) vs pure-Python BPE.
+"""Preprocessing throughput: GPT2BPETokenizer on tiktoken vs Hugging Face tokenizers vs pure Python.
 
-    python tools/bench_preprocess.py [--megabytes 20] [--mixed-megabytes 8]
+    python tools/bench_preprocess.py [--megabytes 20] [--mixed-megabytes 8] [--repeats 3]
         [--input X.json --vocab-file V --merge-file M] [--output bench_out/preprocess.json]
 
-Runs tools/preprocess_data.py's whole pipeline (JSON parsing, tokenising, writing .bin/.idx) with
-each tokenizer and 1 and 2 worker processes, plus each tokenizer alone in this process (no
-pipeline, one core), prints a table and writes JSON. The pure-Python baseline is OpenAI's
-GPT-2 ``encoder.py`` algorithm with its unbounded word cache (tools/reference_gpt2_bpe.py), which
-is what the original Megatron tokenizer ran.
+Rows per corpus:
+  * tokenizer only (one process, the first 5 MB in ~64 KB batches, construction not timed), MB
+    per CPU-second: GPT2BPETokenizer on tiktoken, the same on Hugging Face ``tokenizers`` (the
+    previous backend, measured in the same run), and the pure-Python reference;
+  * tools/preprocess_data.py's whole pipeline (JSON parsing, tokenising, writing .bin/.idx) with
+    tiktoken on 1 and 2 worker processes, and the pure-Python reference on 1 (the baseline).
+A pipeline row splits its wall time into a fixed start-up (building the tokenizer, forking the
+pool, the first task, the tail and finalising: the time beyond what the steady rate needs) and a
+steady-state rate (MB/s between 10% and 90% of the input, from the per-task timeline). The
+pure-Python baseline is OpenAI's GPT-2 ``encoder.py`` algorithm with its unbounded word cache
+(tools/reference_gpt2_bpe.py), what the original Megatron tokenizer ran.
 
 Corpora (built in a scratch directory, deterministic), with the demo tokenizer:
   * ``demo-repeated``: the demo corpus (stdlib/package docstrings) repeated in shuffled document
@@ -18,9 +24,9 @@ Corpora (built in a scratch directory, deterministic), with the demo tokenizer:
     Nearly every random word misses the cache, so the reference runs its Python merge loop:
     its worst case. Real web text lies between the two.
 ``--input`` times one given corpus instead. Each row is the best of ``--repeats`` interleaved
-runs (all runs are kept in the JSON); tokenizer-only rows also give MB per CPU-second, which
-other jobs on a shared machine disturb much less than wall time. Large inputs amortise pool start-up (fork and each
-worker building its tokenizer, about 0.3 s). A benchmark, not a test: it never fails on a timing.
+runs (every run is kept in the JSON); CPU-seconds (this process and its workers) are disturbed much
+less than wall time by other jobs on a shared machine. The closing lines give the ratios issue 19
+targets. A benchmark, not a test: it never fails on a timing.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import platform
 import random
+import resource
 import sys
 import tempfile
 import time
@@ -50,7 +57,11 @@ SCRIPTS = ("abcdefghijklmnopqrstuvwxyzàáâãäåæçèéêëìíîïñòóôõ
            "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年", "0123456789",
            "!?.,;:-()[]{}\"'/@#%&*+=", "😀😂🙂🚀🌍🎉💡🔥")
 TOKENIZER_ONLY_BYTES = 5_000_000
-TOKENIZERS = ("hf-tokenizers", "pure-python")
+TOKENIZERS = ("tiktoken", "hf-tokenizers", "pure-python")
+PIPELINES = (("tiktoken", 1), ("tiktoken", 2), ("pure-python", 1))
+STEADY_SPAN = (0.1, 0.9)  # the steady rate is measured between these fractions of the input
+TARGETS = {"tokenizer_only_vs_hf": 3.0, "pipeline_2w_vs_pure_python_1w": {"mixed": 10.0, "demo-repeated": 6.0},
+           "per_worker_vs_tokenizer_only": 0.8}
 
 
 class PurePythonGPT2(AbstractTokenizer):
@@ -126,82 +137,165 @@ def build_mixed(demo: list[str], path: str, megabytes: float, seed: int = 0) -> 
     _write_until(path, next_document, megabytes)
 
 
+def factories(vocab: str, merges: str) -> dict[str, Callable[[], AbstractTokenizer]]:
+    """Each tokenizer by its row name; the "tiktoken" one must really be on tiktoken."""
+    backend = GPT2BPETokenizer(vocab, merges).backend
+    if backend != "tiktoken":
+        raise SystemExit(f"{merges}: GPT2BPETokenizer fell back to {backend}; nothing to measure")
+    return {"tiktoken": functools.partial(GPT2BPETokenizer, vocab, merges),
+            "hf-tokenizers": functools.partial(GPT2BPETokenizer, vocab, merges, backend="tokenizers"),
+            "pure-python": functools.partial(PurePythonGPT2, vocab, merges)}
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the pool's workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def steady_state(timeline: list[tuple[float, int]], seconds: float, total_bytes: int) -> tuple[float, float]:
+    """(steady MB/s, fixed start-up seconds) of a pipeline run from its (seconds, bytes) per task:
+    the least-squares rate over the tasks ending within STEADY_SPAN of the input (over all tasks
+    when fewer than 3 do; workers' results arrive in bursts, which a fit smooths), and the wall
+    time beyond ``total_bytes`` at that rate."""
+    low, high = (fraction * total_bytes for fraction in STEADY_SPAN)
+    points = [point for point in timeline if low <= point[1] <= high]
+    points = points if len(points) >= 3 else timeline
+    mean_time = sum(t for t, _ in points) / len(points)
+    mean_bytes = sum(b for _, b in points) / len(points)
+    spread = sum((t - mean_time) ** 2 for t, _ in points)
+    if spread <= 0:  # one task: no steady part to see
+        return total_bytes / 1e6 / seconds, 0.0
+    rate = sum((t - mean_time) * (b - mean_bytes) for t, b in points) / spread / 1e6
+    return rate, max(seconds - total_bytes / 1e6 / rate, 0.0)
+
+
 def pipeline_row(corpus: str, name: str, factory: Callable[[], AbstractTokenizer], workers: int,
                  path: str, scratch: str) -> dict:
     """One tools/preprocess_data.py run; returns its row of the table."""
+    cpu_start = cpu_seconds()
     stats = preprocess(path, os.path.join(scratch, f"{name}_{workers}"), factory, ["text"],
                        append_eod=True, workers=workers, progress=False)
+    cpu = cpu_seconds() - cpu_start
+    steady, startup = steady_state(stats.timeline, stats.seconds, stats.bytes)
     return {"corpus": corpus, "tokenizer": name, "mode": f"pipeline, {workers} worker(s)",
             "workers": workers, "documents": stats.documents, "megabytes": stats.bytes / 1e6,
-            "seconds": stats.seconds, "mb_per_s": stats.bytes / 1e6 / stats.seconds}
+            "seconds": stats.seconds, "mb_per_s": stats.bytes / 1e6 / stats.seconds,
+            "cpu_seconds": cpu, "steady_mb_per_s": steady, "startup_seconds": startup}
+
+
+def read_batches(path: str) -> tuple[list[list[str]], int, int]:
+    """The first TOKENIZER_ONLY_BYTES of ``path``'s texts in batches of about 64 KB, with the
+    number of texts and their UTF-8 bytes."""
+    batches, batch, batch_size, count, size = [], [], 0, 0, 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            batch.append(text)
+            batch_size += len(text)
+            count, size = count + 1, size + len(text.encode("utf-8"))
+            if batch_size >= 1 << 16:
+                batches.append(batch)
+                batch, batch_size = [], 0
+            if size >= TOKENIZER_ONLY_BYTES:
+                break
+    return [*batches, batch], count, size
 
 
 def tokenizer_only_row(corpus: str, name: str, factory: Callable[[], AbstractTokenizer],
                        path: str) -> dict:
-    """The tokenizer alone, in this process, on the first TOKENIZER_ONLY_BYTES of ``path``:
-    texts in batches of about 64 KB (``tokenize_batch``), construction not timed."""
-    texts, size = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            texts.append(json.loads(line)["text"])
-            size += len(texts[-1].encode("utf-8"))
-            if size >= TOKENIZER_ONLY_BYTES:
-                break
-    batches, batch, batch_size = [], [], 0
-    for text in texts:
-        batch.append(text)
-        batch_size += len(text)
-        if batch_size >= 1 << 16:
-            batches.append(batch)
-            batch, batch_size = [], 0
-    batches.append(batch)
+    """The tokenizer alone, in this process, on the first TOKENIZER_ONLY_BYTES of ``path``
+    (``tokenize_batch``), construction timed apart."""
+    batches, count, size = read_batches(path)
+    built = time.perf_counter()
     tokenizer = factory()
-    start, cpu_start = time.perf_counter(), time.process_time()
+    built = time.perf_counter() - built
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     tokens = sum(len(ids) for batch in batches for ids in tokenizer.tokenize_batch(batch))
-    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
     return {"corpus": corpus, "tokenizer": name, "mode": "tokenizer only, 1 process",
-            "workers": 1, "documents": len(texts), "megabytes": size / 1e6, "tokens": tokens,
-            "seconds": seconds, "cpu_seconds": cpu_seconds, "mb_per_s": size / 1e6 / seconds}
+            "workers": 1, "documents": count, "megabytes": size / 1e6, "tokens": tokens,
+            "seconds": seconds, "cpu_seconds": cpu, "mb_per_s": size / 1e6 / seconds,
+            "construction_seconds": built}
 
 
 def best_of(runs: list[dict]) -> dict:
-    """The fastest run, with every run's MB/s kept (the machine is shared: the best run is the
-    one least disturbed by other jobs)."""
-    best = dict(max(runs, key=lambda row: row["mb_per_s"]))
-    best["mb_per_s_all_runs"] = [round(row["mb_per_s"], 3) for row in runs]
-    if "cpu_seconds" in best:
-        best["mb_per_cpu_s"] = best["megabytes"] / min(row["cpu_seconds"] for row in runs)
+    """The fastest run (steady rate for pipelines) with every run's figures kept: on a shared
+    machine the best run is the one least disturbed by other jobs."""
+    key = "steady_mb_per_s" if "steady_mb_per_s" in runs[0] else "mb_per_s"
+    best = dict(max(runs, key=lambda row: row[key]))
+    for field in ("mb_per_s", "steady_mb_per_s", "startup_seconds"):
+        if field in best:
+            best[f"{field}_all_runs"] = [round(row[field], 3) for row in runs]
+    best["mb_per_cpu_s"] = best["megabytes"] / min(row["cpu_seconds"] for row in runs)
     return best
 
 
-def bench_corpus(corpus: str, path: str, vocab: str, merges: str, scratch: str,
-                 repeats: int) -> list[dict]:
-    """Every row for one corpus (best of ``repeats`` interleaved runs), with speed-ups against
-    the pure-Python 1-worker pipeline."""
+def bench_corpus(corpus: str, path: str, makers: dict[str, Callable[[], AbstractTokenizer]],
+                 scratch: str, repeats: int) -> list[dict]:
+    """Every row for one corpus (best of ``repeats`` interleaved runs), with steady-state
+    speed-ups against the pure-Python 1-worker pipeline."""
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(repeats):
-        for name, cls in zip(TOKENIZERS, (GPT2BPETokenizer, PurePythonGPT2)):
-            factory = functools.partial(cls, vocab, merges)
-            runs.setdefault((name, 0), []).append(tokenizer_only_row(corpus, name, factory, path))
-            for workers in (1, 2):
-                runs.setdefault((name, workers), []).append(
-                    pipeline_row(corpus, name, factory, workers, path, scratch))
-    rows = [best_of(runs[key]) for key in sorted(runs, key=lambda k: (TOKENIZERS.index(k[0]), k[1]))]
-    baseline = next(r for r in rows if r["tokenizer"] == "pure-python" and r["workers"] == 1
-                    and r["mode"].startswith("pipeline"))
+        for name in TOKENIZERS:
+            runs.setdefault((name, 0), []).append(tokenizer_only_row(corpus, name, makers[name], path))
+        for name, workers in PIPELINES:
+            runs.setdefault((name, workers), []).append(
+                pipeline_row(corpus, name, makers[name], workers, path, scratch))
+    rows = [best_of(runs[key]) for key in runs]
+    baseline = pick(rows, "pure-python", 1)["steady_mb_per_s"]
     for row in rows:
-        row["speedup_vs_pure_python_pipeline_1w"] = row["mb_per_s"] / baseline["mb_per_s"]
+        row["speedup_vs_pure_python_pipeline_1w"] = row.get("steady_mb_per_s", row["mb_per_s"]) / baseline
     return rows
 
 
+def pick(rows: list[dict], tokenizer: str, workers: int, corpus: str | None = None) -> dict:
+    """The row of ``tokenizer`` (``workers`` 0: tokenizer only, else that pipeline)."""
+    return next(row for row in rows if row["tokenizer"] == tokenizer and (corpus is None or row["corpus"] == corpus)
+                and (row["mode"].startswith("pipeline") if workers else row["mode"].startswith("tokenizer"))
+                and row["workers"] == max(workers, 1))
+
+
+def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Issue 19's ratios per corpus: tiktoken vs HF tokenizers (tokenizer only, per CPU-second);
+    2-worker tiktoken pipeline vs 1-worker pure-Python pipeline (steady state); each pipeline's
+    per-worker steady rate over tiktoken's tokenizer-only rate per CPU-second."""
+    result: dict[str, dict[str, float]] = {}
+    for corpus in dict.fromkeys(row["corpus"] for row in rows):
+        tiktoken_only = pick(rows, "tiktoken", 0, corpus)["mb_per_cpu_s"]
+        result[corpus] = {
+            "tokenizer_only_vs_hf": tiktoken_only / pick(rows, "hf-tokenizers", 0, corpus)["mb_per_cpu_s"],
+            "pipeline_2w_vs_pure_python_1w": pick(rows, "tiktoken", 2, corpus)["steady_mb_per_s"]
+            / pick(rows, "pure-python", 1, corpus)["steady_mb_per_s"],
+            **{f"per_worker_vs_tokenizer_only_{workers}w":
+               pick(rows, "tiktoken", workers, corpus)["steady_mb_per_s"] / workers / tiktoken_only
+               for workers in (1, 2)}}
+    return result
+
+
 def print_table(rows: list[dict]) -> None:
-    print(f"{'corpus':<15}{'tokenizer':<15}{'mode':<28}{'MB':>7}{'MB/s':>8}{'MB/cpu-s':>10}"
-          f"{'seconds':>9}{'speedup':>9}")
+    print(f"{'corpus':<15}{'tokenizer':<15}{'mode':<27}{'MB':>6}{'MB/s':>8}{'MB/cpu-s':>10}"
+          f"{'steady MB/s':>13}{'start-up s':>12}{'speedup':>9}")
     for row in rows:
-        per_cpu = f"{row['mb_per_cpu_s']:>10.2f}" if "mb_per_cpu_s" in row else f"{'':>10}"
-        print(f"{row['corpus']:<15}{row['tokenizer']:<15}{row['mode']:<28}{row['megabytes']:>7.1f}"
-              f"{row['mb_per_s']:>8.2f}{per_cpu}{row['seconds']:>9.2f}"
+        steady = f"{row['steady_mb_per_s']:>13.2f}{row['startup_seconds']:>12.2f}" \
+            if "steady_mb_per_s" in row else f"{'':>25}"
+        print(f"{row['corpus']:<15}{row['tokenizer']:<15}{row['mode']:<27}{row['megabytes']:>6.1f}"
+              f"{row['mb_per_s']:>8.2f}{row['mb_per_cpu_s']:>10.2f}{steady}"
               f"{row['speedup_vs_pure_python_pipeline_1w']:>8.1f}x")
+
+
+def print_ratios(found: dict[str, dict[str, float]]) -> None:
+    """The ratios next to issue 19's targets."""
+    pipeline_targets = TARGETS["pipeline_2w_vs_pure_python_1w"]
+    for corpus, values in found.items():
+        target = pipeline_targets.get(corpus)
+        print(f"{corpus}: tokenizer only, tiktoken vs HF tokenizers per CPU-second "
+              f"{values['tokenizer_only_vs_hf']:.1f}x (target >= {TARGETS['tokenizer_only_vs_hf']:.0f}x); "
+              f"2-worker pipeline steady state vs pure-Python 1 worker {values['pipeline_2w_vs_pure_python_1w']:.1f}x"
+              + (f" (target >= {target:.0f}x)" if target else "")
+              + f"; per worker vs tokenizer only {values['per_worker_vs_tokenizer_only_1w']:.0%} (1 worker), "
+              f"{values['per_worker_vs_tokenizer_only_2w']:.0%} (2 workers; target >= "
+              f"{TARGETS['per_worker_vs_tokenizer_only']:.0%})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -211,7 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--merge-file", default=None)
     parser.add_argument("--megabytes", type=float, default=20.0, help="size of demo-repeated")
     parser.add_argument("--mixed-megabytes", type=float, default=8.0, help="size of mixed")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per row; the best is kept")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row; the best is kept")
     parser.add_argument("--output", default="bench_out/preprocess.json")
     args = parser.parse_args(argv)
     if args.input is not None and not (args.vocab_file and args.merge_file):
@@ -219,25 +313,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def build_corpora(args: argparse.Namespace, demo: dict, scratch: str) -> dict[str, str]:
+    """Corpus name -> loose-JSON path: ``--input``, else the two built corpora."""
+    if args.input is not None:
+        return {"input": args.input}
+    texts = demo_texts(str(demo["data"]))
+    corpora = {"demo-repeated": os.path.join(scratch, "demo_repeated.json"),
+               "mixed": os.path.join(scratch, "mixed.json")}
+    build_demo_repeated(texts, corpora["demo-repeated"], args.megabytes)
+    build_mixed(texts, corpora["mixed"], args.mixed_megabytes)
+    return corpora
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     demo = ensure_demo_corpus()
     vocab = args.vocab_file or str(demo["vocab"])
     merges = args.merge_file or str(demo["merges"])
+    makers = factories(vocab, merges)
     load_before = os.getloadavg()
-    rows, corpora = [], {}
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        if args.input is not None:
-            corpora["input"] = args.input
-        else:
-            texts = demo_texts(str(demo["data"]))
-            corpora["demo-repeated"] = os.path.join(scratch, "demo_repeated.json")
-            build_demo_repeated(texts, corpora["demo-repeated"], args.megabytes)
-            corpora["mixed"] = os.path.join(scratch, "mixed.json")
-            build_mixed(texts, corpora["mixed"], args.mixed_megabytes)
+        corpora = build_corpora(args, demo, scratch)
         for corpus, path in corpora.items():
-            rows.extend(bench_corpus(corpus, path, vocab, merges, scratch, args.repeats))
+            rows.extend(bench_corpus(corpus, path, makers, scratch, args.repeats))
+    found = ratios(rows)
     print_table(rows)
+    print_ratios(found)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump({"date": time.strftime("%Y-%m-%d"),
@@ -245,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                    "cpus": os.cpu_count(), "load_average_before": load_before,
                    "load_average_after": os.getloadavg(), "vocab_file": vocab,
                    "corpora": {name: path if name == "input" else name for name, path in corpora.items()},
-                   "rows": rows}, handle, indent=2)
+                   "rows": rows, "ratios": found, "targets": TARGETS}, handle, indent=2)
     print(f"wrote {args.output}")
     return 0
 
