@@ -38,3 +38,17 @@ def cited_names() -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name,doc", cited_names())
 def test_cited_name_exists(name: str, doc: str) -> None:
     assert _resolves(name), f"{doc} cites {name}, which does not exist"
+
+
+PATH = re.compile(r"\b((?:tests|tools|scripts|megatron)/[\w./-]*\.(?:py|sh|json))\b")
+
+
+def cited_paths() -> list[tuple[str, str]]:
+    return sorted({(match.group(1), doc.name) for doc in DOCS for match in PATH.finditer(doc.read_text())})
+
+
+def test_cited_files_exist() -> None:
+    """Test and tool files the docs name exist (the restructure moved tests/test_*.py into
+    tests/unit and tests/integration, and the docs kept the old paths)."""
+    missing = [f"{doc} cites {path}" for path, doc in cited_paths() if not (REPO / path).exists()]
+    assert not missing, "; ".join(missing)
