@@ -29,8 +29,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import regex
 import tiktoken
 
+# fancy-regex (tiktoken's engine) backtracks through a whitespace run for GPT-2's ``\s+(?!\S)``
+# and stops with a stack overflow (a Rust panic) past about a million characters. Runs this long
+# are cut out of the text and encoded as the pieces GPT-2 makes of them (``_encode_long_runs``).
+LONG_WHITESPACE = 1 << 16
 
 @lru_cache(maxsize=1)
 def byte_symbols() -> dict[str, int]:
@@ -136,7 +141,8 @@ class TiktokenBPE:
     def __init__(self, vocab: dict[str, int], ranks: TiktokenRanks, pattern: str) -> None:
         self._encoding = tiktoken.Encoding("gpt2-bpe", pat_str=pattern,
                                            mergeable_ranks=ranks.mergeable_ranks, special_tokens={})
-        self._rank_to_id = ranks.rank_to_id
+        self._ranks = ranks
+        self._one_piece: tiktoken.Encoding | None = None  # built for the first long whitespace run
         self._id_to_bytes = {rank if ranks.rank_to_id is None else ranks.rank_to_id[rank]: as_bytes
                              for as_bytes, rank in ranks.mergeable_ranks.items()}
         for token, token_id in vocab.items():  # tokens BPE never makes: <|endoftext|>, added ones
@@ -148,11 +154,12 @@ class TiktokenBPE:
         silently encode U+FFFD instead)."""
         if not text.isascii():
             _check_encodable(text)
-        ranks = self._encoding.encode_ordinary(text)
-        if self._rank_to_id is None:
-            return ranks
-        rank_to_id = self._rank_to_id
-        return [rank_to_id[rank] for rank in ranks]
+        if len(text) >= LONG_WHITESPACE and _may_hold_long_run(text):
+            ranks = self._encode_long_runs(text)
+        else:
+            ranks = self._encoding.encode_ordinary(text)
+        rank_to_id = self._ranks.rank_to_id
+        return ranks if rank_to_id is None else [rank_to_id[rank] for rank in ranks]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # One text after another: tiktoken's encode_ordinary_batch (a thread pool) costs more CPU
@@ -164,6 +171,34 @@ class TiktokenBPE:
         """Text of ``ids``; ids outside the vocabulary (a model's padding) decode to nothing."""
         table = self._id_to_bytes
         return b"".join(table.get(int(token_id), b"") for token_id in ids).decode("utf-8", errors="replace")
+
+    def _encode_long_runs(self, text: str) -> list[int]:
+        """Ranks of ``text`` with each whitespace run of LONG_WHITESPACE or more characters cut
+        out. GPT-2 makes such a run one piece, less its last character when text follows (that
+        character starts the next piece), and no pattern joins a run to the text before it; the
+        regex starts afresh after each piece, so the text around the runs splits as before."""
+        if self._one_piece is None:
+            self._one_piece = tiktoken.Encoding("gpt2-bpe-piece", pat_str=r"[\s\S]+",
+                                                mergeable_ranks=self._ranks.mergeable_ranks, special_tokens={})
+        ranks: list[int] = []
+        position = 0
+        for run in _long_run(LONG_WHITESPACE).finditer(text):
+            piece_end = run.end() if run.end() == len(text) else run.end() - 1
+            ranks += self._encoding.encode_ordinary(text[position:run.start()])
+            ranks += self._one_piece.encode_ordinary(text[run.start():piece_end])
+            position = piece_end
+        return ranks + self._encoding.encode_ordinary(text[position:])
+
+
+@lru_cache(maxsize=2)
+def _long_run(length: int) -> regex.Pattern:
+    return regex.compile(rf"\s{{{length},}}")  # GPT-2's \s, as in its pattern
+
+
+def _may_hold_long_run(text: str) -> bool:
+    """False only if ``text`` has no whitespace run of LONG_WHITESPACE characters: such a run
+    covers two neighbouring characters of every (LONG_WHITESPACE // 2)-th one."""
+    return regex.search(r"\s\s", text[::LONG_WHITESPACE // 2]) is not None
 
 
 def _check_encodable(text: str) -> None:

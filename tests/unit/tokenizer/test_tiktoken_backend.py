@@ -17,7 +17,7 @@ import pytest
 import regex
 import tiktoken
 
-from megatron.tokenizer import EOD_TOKEN, GPT2BPETokenizer
+from megatron.tokenizer import EOD_TOKEN, GPT2BPETokenizer, tiktoken_bpe
 from megatron.tokenizer.pretokenize import _all_code_points, gpt2_split_pattern
 from megatron.tokenizer.tiktoken_bpe import byte_symbols
 
@@ -59,10 +59,11 @@ def unchecked_tiktoken(merges: list[tuple[str, str]]) -> tiktoken.Encoding:
 def test_random_merge_lists_give_gpt2_ids_or_fall_back(tmp_path, reference_bpe):
     """Rank-by-merged-bytes equals GPT-2's pair BPE exactly when the construction check passes:
     every accepted merge list gives the reference's ids on all strings over ``abc`` up to length 6
-    and on every token's own bytes; every refused one makes unchecked tiktoken differ somewhere
+    (and 10 of 100-300, which tiktoken merges with a heap) and on every token's own bytes; every refused one makes unchecked tiktoken differ somewhere
     (distinct merge results alone would not be enough)."""
-    texts = ["".join(chars) for length in range(1, 7) for chars in itertools.product("abc", repeat=length)]
     rng = random.Random(19)
+    texts = ["".join(chars) for length in range(1, 7) for chars in itertools.product("abc", repeat=length)]
+    texts += ["".join(rng.choices("abc", k=rng.randint(100, 300))) for _ in range(10)]  # tiktoken's heap path
     backends = []
     for _ in range(80):
         merges = random_merges(rng, rng.randint(3, 10))
@@ -106,7 +107,7 @@ def test_ids_not_in_merge_order_are_translated(tmp_path, demo_paths, reference_b
     random.Random(3).shuffle(shuffled)
     (tmp_path / "v.json").write_text(json.dumps(dict(zip(tokens, shuffled))), encoding="utf-8")
     tokenizer = GPT2BPETokenizer(str(tmp_path / "v.json"), str(demo_paths["merges"]))
-    assert tokenizer.backend == "tiktoken" and tokenizer._encoder._rank_to_id is not None
+    assert tokenizer.backend == "tiktoken" and tokenizer._encoder._ranks.rank_to_id is not None
     reference = reference_bpe(str(tmp_path / "v.json"), str(demo_paths["merges"]))
     texts = [json.loads(line)["text"] for line in open(demo_paths["data"], encoding="utf-8")][:300]
     texts.append("".join(map(chr, range(256))) + " ünïcödé 中文 😀 <|endoftext|>")
@@ -223,3 +224,37 @@ def test_pickle_keeps_the_backend(demo_paths):
         assert clone.tokenize("pickled ünï") == tokenizer.tokenize("pickled ünï")
     with pytest.raises(ValueError, match="backend 'fast' is not one of auto, tokenizers"):
         GPT2BPETokenizer(str(demo_paths["vocab"]), str(demo_paths["merges"]), backend="fast")
+
+
+def test_long_pieces_match_reference(demo_tokenizer, demo_paths, reference_bpe):
+    """Pieces of 100 bytes or more go through tiktoken's heap-based merge."""
+    rng = random.Random(7)
+    alphabets = ("etaoinshrdlu", "0123456789", "!?.,;:-()", "的一是不了人我在有他")
+    texts = ["".join(rng.choices(rng.choice(alphabets), k=rng.randint(100, 400))) for _ in range(16)]
+    reference = reference_bpe(str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    assert demo_tokenizer.tokenize_batch(texts) == [reference.encode(text) for text in texts]
+
+
+def test_long_whitespace_runs_split_as_gpt2(monkeypatch, demo_paths, reference_bpe):
+    """Whitespace runs from LONG_WHITESPACE characters on are cut out of the text (fancy-regex
+    overflows its stack on a million); with the threshold at 4, random whitespace-heavy texts
+    keep the reference's ids."""
+    monkeypatch.setattr(tiktoken_bpe, "LONG_WHITESPACE", 4)
+    tokenizer = GPT2BPETokenizer(str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    reference = reference_bpe(str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    rng = random.Random(11)
+    pieces = [" ", " ", " ", "\n", "\t", "\r\n", "\u3000", "\u2028", "a", "word", "7", ".", "'s", "中"]
+    texts = ["".join(rng.choices(pieces, k=rng.randint(1, 40))) for _ in range(3000)]
+    long_runs = sum(tiktoken_bpe._long_run(4).search(text) is not None for text in texts)
+    assert long_runs > 1000
+    assert tokenizer.tokenize_batch(texts) == [reference.encode(text) for text in texts]
+
+
+def test_million_character_whitespace_runs(demo_paths):
+    """Past fancy-regex's stack (about 1M characters of one whitespace run), the same ids as the
+    Hugging Face backend, where tiktoken alone panics."""
+    files = str(demo_paths["vocab"]), str(demo_paths["merges"])
+    tokenizer, hf = GPT2BPETokenizer(*files), GPT2BPETokenizer(*files, backend="tokenizers")
+    run = 1_050_000
+    texts = ["x" + " " * run + "y", "a.\n" + "\t \u3000" * (run // 3)]
+    assert tokenizer.tokenize_batch(texts) == hf.tokenize_batch(texts)
