@@ -1,26 +1,39 @@
 """One training step of this project's GPT-2 against Hugging Face's ``GPT2LMHeadModel``, side by side.
 
     python tools/bench_vs_hf.py                      # 4 layers, hidden 256, seq 256, batch 8, vocab 50257
-    python tools/bench_vs_hf.py --precisions bf16 --paths megatron hf --steps 8
+    python tools/bench_vs_hf.py --shape 124m         # GPT-2 124M: 12 x 768, 12 heads, seq 512, batch 4
+    python tools/bench_vs_hf.py --precisions bf16 --paths megatron hf hf-compile --steps 8
+    python tools/bench_vs_hf.py --rounds 1 --steps 1 --profile 12   # where one step's CPU time goes
 
-Same GPT-2 configuration, same random token batches (fixed seed), same machine, one invocation.
-Each (path, precision) runs in a fresh child process, so one path's memory (or allocator state)
-cannot speed up or slow down another. Paths:
+Same GPT-2 configuration (dropout 0.1 everywhere), same random token batches (fixed seed), same
+machine, one invocation. Each (path, precision) runs in a fresh child process, so one path's memory
+(or allocator state) cannot speed up or slow down another; the paths run in turn, in reversed order
+every other round. Paths:
 
-* ``megatron``: ``MegatronBackend`` (fp32, or ``--bf16``/``--fp16``: half model + fp32 masters);
-* ``megatron-compile``: the same with ``--compile`` (torch.compile'd transformer layers; the
-  compilation falls in the discarded warm-up steps);
-* ``deepspeed-zero0``/``deepspeed-zero1``: ``DeepSpeedBackend`` with ZeRO 0/1 on one rank;
-* ``hf``: ``transformers.GPT2LMHeadModel`` (SDPA attention) with ``torch.optim.AdamW``, gradient
-  clipping at 1.0 as the HF Trainer does, and ``torch.autocast`` for bf16/fp16.
+* ``megatron``: ``MegatronBackend`` (fp32, or ``--bf16``/``--fp16``: half weights with fp32 master
+  weights in ``FP16_Optimizer``);
+* ``megatron-compile``: the same with ``--compile``;
+* ``deepspeed-zero0``/``deepspeed-zero1``: ``DeepSpeedBackend`` with ZeRO 0/1 on one rank (half
+  weights with DeepSpeed's fp32 masters);
+* ``hf``: ``transformers.GPT2LMHeadModel`` as its users train it: SDPA attention,
+  ``gelu_pytorch_tanh`` (one kernel, GPT-2's tanh GELU), fp32 weights under ``torch.autocast`` for
+  bf16/fp16, ``torch.optim.AdamW`` fused where torch has it, clipping at 1.0 as the HF Trainer
+  does (``clip_grad_norm_``), weight decay off for biases and LayerNorm as the Trainer's;
+* ``hf-compile``: the same model under ``torch.compile`` (the Trainer's ``torch_compile``);
+* ``hf-bf16-weights`` (bf16 only): the project's recipe on the HF model: bf16 weights, fp32 master
+  copies updated by fused AdamW, gradients widened and weights narrowed with ``_foreach_copy_``
+  (what ``FP16_Optimizer`` does; no loss scale, as bf16 needs none).
 
-All the project's paths are built as ``megatron/training/loop.py`` builds them (single-rank gloo group,
-``mpu.initialize_model_parallel(1)``, ``pretrain_gpt2.model_provider``/``forward_step``). Reports
-tokens/s (median over the timed steps, warm-up discarded), model TFLOP/s
-(``megatron.training.flops.model_flops_per_token``), MFU against a known GPU's data-sheet peak (else a
-matmul peak measured on the spot for each precision), and the ratio to Hugging Face in the same
-precision. Prints a Markdown table and writes ``bench_out/bench_vs_hf.json``. A benchmark: it
-never fails on a timing.
+Compilation falls in the discarded warm-up steps (``--warmup-steps``, their time is reported in
+the ``warm-up s`` column). All the project's paths are built as ``megatron/training/loop.py``
+builds them (single-rank gloo group, ``pretrain_gpt2.model_provider``/``forward_step``). Reports
+tokens/s (median over the timed steps of all rounds), model TFLOP/s
+(``megatron.training.flops.model_flops_per_token``), MFU against a known GPU's data-sheet peak
+(else a matmul peak measured on the spot for each precision), each path's ratio to HF eager and
+HF compiled in the same precision (median of the rounds' ratios), and per precision the project's
+best path against each HF path. ``--profile N`` adds, from round 1, the N ops taking the most CPU
+time in one extra step of each path. Prints Markdown tables and writes
+``bench_out/bench_vs_hf.json``. A benchmark: it never fails on a timing.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,28 +58,44 @@ import torch  # noqa: E402
 from megatron.training.flops import model_flops_per_token, table_peak_tflops  # noqa: E402
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-PATHS = ("megatron", "megatron-compile", "deepspeed-zero0", "deepspeed-zero1", "hf")
+PATHS = ("megatron", "megatron-compile", "deepspeed-zero0", "deepspeed-zero1", "hf", "hf-compile",
+         "hf-bf16-weights")
+HF_BASELINES = {"hf": "HF eager", "hf-compile": "HF compiled"}
+# Model shapes by name; any flag given on the command line overrides the preset.
+SHAPES: dict[str, dict[str, int]] = {
+    "default": {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "seq_length": 256,
+                "batch_size": 8},
+    # GPT-2 small (124M parameters) at sequence 512; batch 4 keeps a CPU step near 15-25 s.
+    "124m": {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "seq_length": 512,
+             "batch_size": 4},
+}
+ProfileRow = tuple[str, float, int]  # op name, self CPU seconds, calls
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--num-attention-heads", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default",
+                        help="model shape preset; --num-layers etc. override its fields")
+    for name in SHAPES["default"]:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=50257)
-    parser.add_argument("--warmup-steps", type=int, default=2, help="steps run and discarded first")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="repeat the whole sweep, paths interleaved (pooled steps; ratio = median of rounds)")
+    parser.add_argument("--warmup-steps", type=int, default=2,
+                        help="steps run and discarded first (they hold torch.compile's compilation)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round (the median is reported)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="repeat the whole sweep, path order reversed every other round")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--precisions", nargs="+", default=None,
                         help="default: fp32 bf16 (and fp16 when a GPU is present)")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile one extra step per path in round 1 and print its N costliest ops")
     parser.add_argument("--output", default=os.path.join(REPO, "bench_out", "bench_vs_hf.json"))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # JSON: one (path, precision)
     args = parser.parse_args(argv)
+    for name, value in SHAPES[args.shape].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.precisions is None:
         args.precisions = ["fp32", "bf16"] + (["fp16"] if torch.cuda.is_available() else [])
     bad = [p for p in args.precisions if p not in ("fp32", "bf16", "fp16")]
@@ -73,7 +103,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"unknown precision(s) {bad}: choose from fp32 bf16 fp16")
     if "fp16" in args.precisions and not torch.cuda.is_available():
         raise SystemExit("fp16 needs a GPU (DeepSpeed and autocast fp16 matmuls); drop it on CPU")
+    if args.rounds < 1 or args.steps < 1 or args.warmup_steps < 0:
+        raise SystemExit(f"--rounds ({args.rounds}) and --steps ({args.steps}) must be at least 1, "
+                         f"--warmup-steps ({args.warmup_steps}) at least 0")
     return args
+
+
+def applies(path: str, precision: str) -> bool:
+    """``hf-bf16-weights`` is a bf16 recipe (fp16 weights would need loss scaling; fp32 is ``hf``)."""
+    return path != "hf-bf16-weights" or precision == "bf16"
+
+
+def recipe(path: str, precision: str) -> str:
+    """How a path holds its weights in ``precision``."""
+    if precision == "fp32":
+        return "fp32 weights"
+    if path in ("hf", "hf-compile"):
+        return f"fp32 weights, autocast {precision}"
+    return f"{precision} weights, fp32 masters"
 
 
 def device() -> torch.device:
@@ -118,17 +165,28 @@ def token_batches(opts: argparse.Namespace, count: int) -> list[torch.Tensor]:
             for _ in range(count)]
 
 
-def time_steps(step: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], warmup: int) -> list[float]:
-    """Seconds per step for the batches after the first ``warmup`` ones."""
+def time_steps(step: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> list[float]:
+    """Seconds of each step, one batch each."""
     times = []
-    for index, batch in enumerate(batches):
+    for batch in batches:
         synchronize()
         start = time.perf_counter()
         step(batch)
         synchronize()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
     return times
+
+
+def profile_step(step: Callable[[torch.Tensor], Any], batch: torch.Tensor, top: int) -> dict[str, Any]:
+    """One step under ``torch.profiler``: the ``top`` ops by self CPU time, and the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+    events = [event for event in prof.key_averages() if event.self_cpu_time_total > 0]
+    events.sort(key=lambda event: event.self_cpu_time_total, reverse=True)
+    rows: list[ProfileRow] = [(event.key, event.self_cpu_time_total / 1e6, event.count) for event in events[:top]]
+    return {"self_cpu_s": sum(event.self_cpu_time_total for event in events) / 1e6, "ops": rows}
 
 
 def megatron_run_config(opts: argparse.Namespace, precision: str, path: str, config_dir: str) -> Any:
@@ -159,7 +217,7 @@ def megatron_run_config(opts: argparse.Namespace, precision: str, path: str, con
     return arguments.build_run_config(args, vocab_size=opts.vocab_size, eod_token=opts.vocab_size - 1)
 
 
-def run_megatron(opts: argparse.Namespace, precision: str, path: str) -> list[float]:
+def megatron_step(opts: argparse.Namespace, precision: str, path: str) -> Callable[[torch.Tensor], None]:
     """The training step of ``megatron/training/loop.py`` (``backend.train_step``) on one rank."""
     import pretrain_gpt2
     from megatron.backends import build_backend
@@ -174,19 +232,37 @@ def run_megatron(opts: argparse.Namespace, precision: str, path: str) -> list[fl
     def step(batch: torch.Tensor) -> None:
         backend.train_step(iter([{"text": batch}]))
 
-    batches = token_batches(opts, opts.warmup_steps + opts.steps)
-    return time_steps(step, batches, opts.warmup_steps)
+    return step
 
 
-def run_hf(opts: argparse.Namespace, precision: str) -> list[float]:
-    """``GPT2LMHeadModel`` + ``torch.optim.AdamW``; bf16/fp16 through autocast, fp32 weights."""
+def hf_model(opts: argparse.Namespace) -> torch.nn.Module:
+    """``GPT2LMHeadModel`` of the benchmark's shape (fp32, train mode, dropout 0.1, seeded)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(opts.seed)
     config = GPT2Config(vocab_size=opts.vocab_size, n_positions=opts.seq_length, n_embd=opts.hidden_size,
-                        n_layer=opts.num_layers, n_head=opts.num_attention_heads)
-    model = GPT2LMHeadModel(config).to(device()).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+                        n_layer=opts.num_layers, n_head=opts.num_attention_heads,
+                        activation_function="gelu_pytorch_tanh", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    config._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(config).to(device()).train()
+
+
+def hf_adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW as the HF Trainer builds it (no decay on biases and LayerNorm: 1-d tensors), fused
+    where this torch has a fused AdamW for the device."""
+    from megatron.backends.base import fused_adamw_available
+
+    groups = [{"params": [p for p in params if p.dim() >= 2]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.01, fused=fused_adamw_available(device()))
+
+
+def hf_step(opts: argparse.Namespace, precision: str, path: str) -> Callable[[torch.Tensor], None]:
+    """``GPT2LMHeadModel`` + AdamW + clipping: fp32 weights (autocast for bf16/fp16), optionally
+    compiled (``hf-compile``)."""
+    model = hf_model(opts)
+    optimizer = hf_adamw(list(model.parameters()))
+    forward = torch.compile(model) if path == "hf-compile" else model
     scaler = torch.amp.GradScaler(device().type, enabled=precision == "fp16")
     autocast = torch.autocast(device().type, dtype=HALF.get(precision, torch.float32),
                               enabled=precision != "fp32")
@@ -194,7 +270,7 @@ def run_hf(opts: argparse.Namespace, precision: str) -> list[float]:
     def step(batch: torch.Tensor) -> None:
         tokens = batch[:, :-1].to(device())
         with autocast:
-            loss = model(input_ids=tokens, labels=tokens).loss
+            loss = forward(input_ids=tokens, labels=tokens).loss
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,22 +278,58 @@ def run_hf(opts: argparse.Namespace, precision: str) -> list[float]:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    batches = token_batches(opts, opts.warmup_steps + opts.steps)
-    return time_steps(step, batches, opts.warmup_steps)
+    return step
+
+
+def hf_bf16_weights_step(opts: argparse.Namespace) -> Callable[[torch.Tensor], None]:
+    """The project's bf16 recipe on ``GPT2LMHeadModel``: bf16 weights, fp32 masters stepped by
+    AdamW, gradients widened into the masters' and weights narrowed back with ``_foreach_copy_``."""
+    model = hf_model(opts).to(torch.bfloat16)
+    params = list(model.parameters())
+    masters = [torch.nn.Parameter(param.detach().float()) for param in params]
+    for master in masters:
+        master.grad = torch.zeros_like(master)
+    optimizer = hf_adamw(masters)
+
+    def step(batch: torch.Tensor) -> None:
+        tokens = batch[:, :-1].to(device())
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        with torch.no_grad():
+            torch._foreach_copy_([master.grad for master in masters], [param.grad for param in params])
+            torch.nn.utils.clip_grad_norm_(masters, 1.0)
+            optimizer.step()
+            torch._foreach_copy_(params, masters)
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build_step(opts: argparse.Namespace, precision: str, path: str) -> Callable[[torch.Tensor], None]:
+    if path == "hf-bf16-weights":
+        return hf_bf16_weights_step(opts)
+    if path.startswith("hf"):
+        return hf_step(opts, precision, path)
+    return megatron_step(opts, precision, path)
 
 
 def run_child(opts: argparse.Namespace) -> None:
     spec = json.loads(opts.child)
     path, precision = spec["path"], spec["precision"]
     peak, source = peak_tflops(precision)
-    times = run_hf(opts, precision) if path == "hf" else run_megatron(opts, precision, path)
-    print("RESULT " + json.dumps({"path": path, "precision": precision, "step_s": times, "peak_tflops": peak,
-                                  "peak_source": source}), flush=True)
+    step = build_step(opts, precision, path)
+    batches = token_batches(opts, opts.warmup_steps + opts.steps + 1)
+    times = time_steps(step, batches[:-1])
+    result = {"path": path, "precision": precision, "warmup_s": times[:opts.warmup_steps],
+              "step_s": times[opts.warmup_steps:], "peak_tflops": peak, "peak_source": source}
+    if spec.get("profile"):
+        result["profile"] = profile_step(step, batches[-1], spec["profile"])
+    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(opts: argparse.Namespace, argv: list[str], path: str, precision: str) -> dict[str, Any]:
+def spawn(argv: list[str], path: str, precision: str, profile: int) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--child",
-               json.dumps({"path": path, "precision": precision})]
+               json.dumps({"path": path, "precision": precision, "profile": profile})]
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("MASTER_PORT", None)  # each child picks a free port
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
@@ -230,10 +342,11 @@ def spawn(opts: argparse.Namespace, argv: list[str], path: str, precision: str) 
 
 
 def summarise(opts: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
+    result = dict(result, recipe=recipe(result["path"], result["precision"]))
     if "error" in result:
         return result
     vocab = opts.vocab_size
-    if result["path"] != "hf":  # the project pads the vocabulary and computes with the padded size
+    if not result["path"].startswith("hf"):  # the project pads the vocabulary and computes with the padded size
         from megatron.mpu import pad_vocab_size
 
         vocab = pad_vocab_size(opts.vocab_size, 128, 1)
@@ -246,28 +359,104 @@ def summarise(opts: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any
 
 
 def pool(opts: argparse.Namespace, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the rounds of one (path, precision): all timed steps, the best peak."""
+    """One row from the rounds of one (path, precision): all timed steps, the best peak, the
+    warm-up of the first good round (later rounds compile again from torch's on-disk cache)."""
     good = [result for result in results if "error" not in result]
     if not good:
         return results[0]
     pooled = dict(good[0], step_s=[t for result in good for t in result["step_s"]],
-                  peak_tflops=max(result["peak_tflops"] for result in good))
+                  peak_tflops=max(result["peak_tflops"] for result in good),
+                  max_rss_mb=max(result["max_rss_mb"] for result in good))
     return summarise(opts, pooled)
 
 
+def round_ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
+    """tokens/s of ``ours`` over ``theirs``, round by round (rounds where both ran)."""
+    return [mine["tokens_per_s"] / other["tokens_per_s"] for mine, other in zip(ours, theirs)
+            if "error" not in mine and "error" not in other]
+
+
+def add_ratios(rows: list[dict[str, Any]], runs: dict[tuple[str, str], list[dict[str, Any]]]) -> None:
+    """Each row's ratio to HF eager (``vs_hf``) and HF compiled (``vs_hf_compile``): median of rounds."""
+    for row in rows:
+        for baseline in HF_BASELINES:
+            ratios = round_ratios(runs[(row["path"], row["precision"])], runs.get((baseline, row["precision"]), []))
+            if ratios:
+                key = "vs_" + baseline.replace("-", "_")
+                row[key], row[key + "_per_round"] = statistics.median(ratios), ratios
+
+
+def best_of_ours(rows: list[dict[str, Any]], runs: dict[tuple[str, str], list[dict[str, Any]]],
+                 precisions: list[str]) -> list[dict[str, Any]]:
+    """Per precision: the project's fastest path (pooled tokens/s) against every HF path that ran
+    (median of the rounds' ratios)."""
+    summary = []
+    for precision in precisions:
+        ours = [row for row in rows if row["precision"] == precision and not row["path"].startswith("hf")
+                and "error" not in row]
+        if not ours:
+            continue
+        best = max(ours, key=lambda row: row["tokens_per_s"])
+        vs = {}
+        for path in (path for path in PATHS if path.startswith("hf")):
+            ratios = round_ratios(runs[(best["path"], precision)], runs.get((path, precision), []))
+            if ratios:
+                vs[path] = statistics.median(ratios)
+        summary.append({"precision": precision, "path": best["path"], "recipe": best["recipe"], "vs": vs})
+    return summary
+
+
+def ratio_cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| path | precision | step s (median) | step s (min) | tokens/s | TFLOP/s | peak TFLOP/s "
-             "| MFU | vs HF |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| path | precision | recipe | warm-up s | step s (median) | step s (min) | tokens/s | TFLOP/s "
+             "| peak TFLOP/s | MFU | peak RSS GB | vs HF eager | vs HF compiled |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['path']} | {row['precision']} | failed | | | | | | |")
+            lines.append(f"| {row['path']} | {row['precision']} | {row['recipe']} | failed |" + " |" * 9)
             continue
-        ratio = row.get("vs_hf")
-        lines.append(f"| {row['path']} | {row['precision']} | {row['step_s_median']:.3f} | {row['step_s_min']:.3f} "
-                     f"| {row['tokens_per_s']:.0f} | {row['tflops']:.3f} | {row['peak_tflops']:.3f} "
-                     f"| {row['mfu']:.1%} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+        lines.append(f"| {row['path']} | {row['precision']} | {row['recipe']} | {sum(row['warmup_s']):.1f} "
+                     f"| {row['step_s_median']:.3f} | {row['step_s_min']:.3f} | {row['tokens_per_s']:.0f} "
+                     f"| {row['tflops']:.3f} | {row['peak_tflops']:.3f} | {row['mfu']:.1%} "
+                     f"| {row['max_rss_mb'] / 1024:.1f} | {ratio_cell(row.get('vs_hf'))} "
+                     f"| {ratio_cell(row.get('vs_hf_compile'))} |")
     return "\n".join(lines)
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    """The project's best path per precision against each HF path (pooled medians)."""
+    lines = ["| precision | project's best path | its recipe | vs hf | vs hf-compile | vs hf-bf16-weights |",
+             "|---|---|---|---:|---:|---:|"]
+    for entry in summary:
+        cells = " | ".join(ratio_cell(entry["vs"].get(path)) for path in ("hf", "hf-compile", "hf-bf16-weights"))
+        lines.append(f"| {entry['precision']} | {entry['path']} | {entry['recipe']} | {cells} |")
+    return "\n".join(lines)
+
+
+def profile_table(row: dict[str, Any]) -> str:
+    """A row's profiled step: op, self CPU seconds, share of the step's self CPU time, calls."""
+    profile = row["profile"]
+    lines = [f"{row['path']} {row['precision']}: {profile['self_cpu_s']:.3f} s self CPU in one step",
+             "| op | self CPU s | share | calls |", "|---|---:|---:|---:|"]
+    for name, seconds, calls in profile["ops"]:
+        lines.append(f"| `{name}` | {seconds:.3f} | {seconds / profile['self_cpu_s']:.1%} | {calls} |")
+    return "\n".join(lines)
+
+
+def sweep(opts: argparse.Namespace, argv: list[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Every (path, precision) once a round, in fresh processes; path order reversed every other round."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for round_index in range(opts.rounds):
+        order = opts.paths if round_index % 2 == 0 else list(reversed(opts.paths))
+        for precision in opts.precisions:
+            for path in (path for path in order if applies(path, precision)):
+                print(f"  round {round_index + 1}/{opts.rounds}: {path} {precision} ...", file=sys.stderr, flush=True)
+                result = spawn(argv, path, precision, opts.profile if round_index == 0 else 0)
+                runs.setdefault((path, precision), []).append(summarise(opts, result))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -276,27 +465,24 @@ def main(argv: list[str] | None = None) -> None:
     if opts.child:
         run_child(opts)
         return
-    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for round_index in range(opts.rounds):
-        for precision in opts.precisions:
-            for path in opts.paths:
-                print(f"  round {round_index + 1}/{opts.rounds}: {path} {precision} ...", file=sys.stderr, flush=True)
-                runs.setdefault((path, precision), []).append(summarise(opts, spawn(opts, argv, path, precision)))
-    rows = [pool(opts, results) for results in runs.values()]
+    runs = sweep(opts, argv)
+    order = {(path, precision): index for index, (precision, path) in
+             enumerate((precision, path) for precision in opts.precisions for path in opts.paths)}
+    rows = sorted((pool(opts, results) for results in runs.values()),
+                  key=lambda row: order[(row["path"], row["precision"])])
+    add_ratios(rows, runs)
+    summary = best_of_ours(rows, runs, opts.precisions)
+    print(markdown_table(rows) + "\n\n" + summary_table(summary))
     for row in rows:
-        hf_runs = runs.get(("hf", row["precision"]), [])
-        ratios = [ours["tokens_per_s"] / hf["tokens_per_s"] for ours, hf in zip(runs[(row["path"], row["precision"])], hf_runs)
-                  if "error" not in ours and "error" not in hf]
-        if ratios:
-            row["vs_hf"], row["vs_hf_per_round"] = statistics.median(ratios), ratios
-    print(markdown_table(rows))
+        if "profile" in row:
+            print("\n" + profile_table(row))
     os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
     with open(opts.output, "w") as handle:
         json.dump({"config": {k: v for k, v in vars(opts).items() if k != "child"},
                    "machine": {"device": str(device()), "threads": torch.get_num_threads(),
                                "load_average": os.getloadavg(), "torch": torch.__version__,
                                "date": time.strftime("%Y-%m-%d %H:%M:%S")},
-                   "rows": rows}, handle, indent=2)
+                   "rows": rows, "best_of_ours": summary}, handle, indent=2)
     print(f"wrote {opts.output}", file=sys.stderr)
 
 
