@@ -198,3 +198,21 @@ deepspeed_launcher() {  # sets DEEPSPEED
   if [ -n "$MASTER_ADDR_GIVEN" ]; then DEEPSPEED+=(--master_addr "$MASTER_ADDR"); fi
   if [ -n "$MASTER_PORT_GIVEN" ]; then DEEPSPEED+=(--master_port "$MASTER_PORT"); fi  # else DeepSpeed's 29500
 }
+
+# The demo ends with what the model learned: greedy continuations of two fixed docstring openings
+# (rank 0's node only; DEMO_SAMPLES=0 skips them). Called after training by the GPT-2 scripts.
+show_demo_samples() {
+  [ "$MODEL" = demo ] && [ "$NODE_RANK" = 0 ] && [ "${DEMO_SAMPLES:-1}" = 1 ] || return 0
+  local prompts samples
+  prompts=$(mktemp) && samples=$(mktemp -u)
+  printf '%s\n' "Return the number of" "This module provides" > "$prompts"
+  if python generate_samples.py --load "$CHECKPOINT_PATH" --vocab-file "$VOCAB_FILE" --merge-file "$MERGE_FILE" \
+       --sample-input-file "$prompts" --sample-output-file "$samples" --greedy --out-seq-length 48 >/dev/null; then
+    echo "samples from $CHECKPOINT_PATH (greedy):"
+    python -c 'import json, sys
+for line in open(sys.argv[1]):
+    sample = json.loads(line)
+    print("  " + (sample["prompt"] + sample["text"]).replace("\n", " "))' "$samples"
+  fi
+  rm -f "$prompts" "$samples"
+}

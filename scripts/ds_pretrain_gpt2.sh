@@ -10,5 +10,6 @@ else DEFAULT_CONFIG=scripts/ds_zero${ZERO_STAGE}_config.json; fi
 DS_CONFIG=${DS_CONFIG:-$DEFAULT_CONFIG}
 [ -f "$DS_CONFIG" ] || { echo "error: DeepSpeed config $DS_CONFIG does not exist (ZERO_STAGE is 0, 1, 2 or 3)" >&2; exit 2; }
 deepspeed_launcher
-exec "${DEEPSPEED[@]}" pretrain_gpt2.py \
-  "${GPT2_ARGS[@]}" --deepspeed --deepspeed_config "$DS_CONFIG" "$@"
+"${DEEPSPEED[@]}" pretrain_gpt2.py \
+  "${GPT2_ARGS[@]}" --deepspeed --deepspeed_config "$DS_CONFIG" "$@" || exit $?
+show_demo_samples

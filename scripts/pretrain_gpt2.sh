@@ -3,4 +3,5 @@
 # With no arguments: a small GPT-2 on the built-in demo corpus. MODEL=345M TRAIN_DATA=webtext
 # VOCAB_FILE=... MERGE_FILE=... selects the original configuration. Extra flags are passed on.
 source "$(dirname "$0")/_common.sh"
-exec python pretrain_gpt2.py "${GPT2_ARGS[@]}" "$@"
+python pretrain_gpt2.py "${GPT2_ARGS[@]}" "$@" || exit $?
+show_demo_samples
