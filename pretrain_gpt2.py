@@ -17,7 +17,7 @@ from megatron import mpu
 from megatron.config import RunConfig
 from megatron.data import build_data_loader, build_train_valid_test_datasets
 from megatron.data.demo import ensure_demo_corpus
-from megatron.model import GPT2Model, build_gpt2_model, lm_loss
+from megatron.model import GPT2Model, build_gpt2_model, masked_mean
 from megatron.model.gpt2_pipe import PipelineDescription, gpt2_pipeline_description
 from megatron.tokenizer import AbstractTokenizer, build_tokenizer
 from megatron.training.data import DataIterators, DataPosition, build_data_iterators
@@ -81,10 +81,11 @@ def get_batch_pipe(data_iterator: Iterator | None, run: RunConfig) -> tuple[Any,
 
 
 def forward_step(data_iterator: Iterator | None, model: torch.nn.Module, run: RunConfig) -> torch.Tensor:
-    """Mean language-model loss of one micro batch (a 0-dim fp32 tensor)."""
+    """Mean language-model loss of one micro batch (a 0-dim fp32 tensor); the model computes the
+    per-token losses itself, fused with its output layer (no logits are kept)."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, run)
-    logits = model(tokens, position_ids, attention_mask)
-    return lm_loss(logits, labels, loss_mask, run.model.vocab_size)
+    losses = model(tokens, position_ids, attention_mask, labels=labels)
+    return masked_mean(losses, loss_mask)
 
 
 def data_provider(run: RunConfig, position: DataPosition) -> DataIterators:

@@ -7,7 +7,7 @@ from .gpt2_modeling import (
     gpt2_get_params_for_weight_decay_optimization,
 )
 from .kv_cache import KVCache, LayerKVCache
-from .language_model import lm_loss, parallel_lm_logits
+from .language_model import lm_loss, masked_mean, parallel_lm_logits, parallel_lm_loss
 from .transformer import (
     ActivationCheckpointing,
     default_activation_checkpointing,
@@ -24,6 +24,8 @@ __all__ = [
     "default_activation_checkpointing",
     "gpt2_get_params_for_weight_decay_optimization",
     "lm_loss",
+    "masked_mean",
     "parallel_lm_logits",
+    "parallel_lm_loss",
     "use_activation_checkpointing",
 ]

@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .language_model import parallel_lm_logits
+from .language_model import parallel_lm_logits, parallel_lm_loss
 from .transformer import ParallelTransformer, build_gpt2_embeddings, draw_init_seed
 
 
@@ -27,6 +27,12 @@ class GPT2Model(nn.Module):
     The logits equal those of the uncached forward over the whole sequence at the new positions.
     ``last_logits_only`` returns the last position's logits only, ``(b, 1, ...)``: the vocabulary
     projection of a whole prompt is most of a prompt's cost at GPT-2's vocabulary.
+
+    Training: with ``labels`` (b, s) (true vocabulary ids) the forward returns the per-token
+    cross-entropy ``(b, s)`` in fp32 instead of the logits, over the first ``loss_vocab_size``
+    columns (the tokenizer's vocabulary; None: all), through
+    ``mpu.vocab_parallel_linear_cross_entropy``, which never keeps the logits. It equals
+    ``mpu.vocab_parallel_cross_entropy`` of the returned logits.
     """
 
     def __init__(
@@ -43,10 +49,12 @@ class GPT2Model(nn.Module):
         checkpoint_num_layers: int = 1,
         parallel_output: bool = True,
         init_method_std: float = 0.02,
+        loss_vocab_size: int | None = None,
     ) -> None:
         super().__init__()
         self.parallel_output = parallel_output
         self.vocab_size = vocab_size
+        self.loss_vocab_size = loss_vocab_size
         self.max_sequence_length = max_sequence_length
         init_seed = draw_init_seed()
         self.word_embeddings, self.position_embeddings = build_gpt2_embeddings(
@@ -65,11 +73,14 @@ class GPT2Model(nn.Module):
         kv_cache: KVCache | None = None,
         *,
         last_logits_only: bool = False,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if position_ids is None:
             position_ids = self._default_position_ids(input_ids, kv_cache)
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         hidden_states = self.transformer(self.embedding_dropout(embeddings), attention_mask, kv_cache)
+        if labels is not None:
+            return parallel_lm_loss(hidden_states, self.word_embeddings.weight, labels, self.loss_vocab_size)
         if last_logits_only:
             hidden_states = hidden_states[:, -1:]  # decoding a prompt needs no other position's logits
         return self.logits(hidden_states)
@@ -99,7 +110,7 @@ def build_gpt2_model(config: ModelConfig, parallel_output: bool = True) -> GPT2M
         attention_dropout_prob=config.attention_dropout, output_dropout_prob=config.hidden_dropout,
         max_sequence_length=config.max_position_embeddings, checkpoint_activations=config.checkpoint_activations,
         checkpoint_num_layers=config.checkpoint_num_layers, parallel_output=parallel_output,
-        init_method_std=config.init_method_std)
+        init_method_std=config.init_method_std, loss_vocab_size=config.vocab_size)
 
 
 def gpt2_get_params_for_weight_decay_optimization(module: nn.Module) -> list[dict]:

@@ -1,4 +1,5 @@
-"""The output side of a language model: vocabulary logits and the masked LM loss.
+"""The output side of a language model: vocabulary logits and the masked LM loss (from logits, or
+fused with the output layer for training).
 
 Shapes: b = micro batch, s = sequence, h = hidden, v = padded vocabulary, mp = model-parallel size.
 """
@@ -27,6 +28,21 @@ def parallel_lm_logits(hidden_states: torch.Tensor, word_embeddings_weight: torc
     return mpu.gather_from_model_parallel_region(logits_parallel)
 
 
+def parallel_lm_loss(hidden_states: torch.Tensor, word_embeddings_weight: torch.Tensor, labels: torch.Tensor,
+                     vocab_size: int | None) -> torch.Tensor:
+    """Per-token cross-entropy ``(b, s)`` (fp32) of the logits ``parallel_lm_logits`` would return,
+    without keeping them (``mpu.vocab_parallel_linear_cross_entropy``); ``labels`` ``(b, s)`` are
+    true-vocabulary ids, padding columns beyond ``vocab_size`` take no part in the softmax. Every
+    rank of the model-parallel group calls it."""
+    hidden_parallel = mpu.copy_to_model_parallel_region(hidden_states)
+    return mpu.vocab_parallel_linear_cross_entropy(hidden_parallel, word_embeddings_weight, labels, vocab_size)
+
+
+def masked_mean(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``losses`` (b, s) over the positions where ``loss_mask`` is 1; a 0-dim fp32 tensor."""
+    return torch.sum(losses * loss_mask) / loss_mask.sum()
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Mean cross-entropy over the positions where ``loss_mask`` (b, s) is 1; a 0-dim fp32 tensor.
 
@@ -34,4 +50,4 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
     true-vocabulary ids; padding columns beyond ``vocab_size`` take no part in the softmax.
     """
     losses = mpu.vocab_parallel_cross_entropy(logits.contiguous(), labels, vocab_size=vocab_size)
-    return torch.sum(losses * loss_mask) / loss_mask.sum()
+    return masked_mean(losses, loss_mask)

@@ -3,7 +3,7 @@
 This package imports only torch. DeepSpeed receives this module as its ``mpu``.
 """
 
-from .cross_entropy import vocab_parallel_cross_entropy
+from .cross_entropy import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 from .data import broadcast_data
 from .grads import clip_grad_norm, grad_norm, is_model_parallel_parameter
 from .initialize import (

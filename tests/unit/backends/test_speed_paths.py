@@ -121,6 +121,113 @@ def test_chunked_cross_entropy_model_parallel_bf16(world_size: int) -> None:
     run_distributed(_check_chunked_model_parallel, world_size)
 
 
+def _linear_inputs(padded_vocab: int, vocab: int, dtype: torch.dtype, hidden_size: int = 8) -> tuple:
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(3, 5, hidden_size, generator=gen) * 2).to(dtype)
+    weight = torch.randn(padded_vocab, hidden_size, generator=gen).to(dtype)
+    target = torch.randint(0, vocab, (3, 5), generator=gen)
+    weights = torch.rand(3, 5, generator=gen)
+    return hidden, weight, target, weights
+
+
+def _linear_loss_and_grads(hidden, weight, target, weights, vocab, fused: bool) -> list[torch.Tensor]:
+    """Loss and the gradients of hidden and weight: fused, or F.linear + the reference cross-entropy
+    (in fp32: half inputs widened exactly, so the reference has no half rounding in between)."""
+    if not fused:
+        hidden, weight = hidden.float(), weight.float()
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    if fused:
+        loss = mpu.vocab_parallel_linear_cross_entropy(hidden, weight, target, vocab)
+    else:
+        logits = F.linear(hidden, weight)[..., :vocab]
+        loss = F.cross_entropy(logits.reshape(-1, vocab), target.view(-1), reduction="none").view(target.shape)
+    (loss * weights).sum().backward()
+    return [loss.detach(), hidden.grad, weight.grad]
+
+
+@pytest.mark.parametrize("vocab,padded_vocab", [(50, 50), (50, 64)])
+def test_linear_cross_entropy_equals_linear_then_torch(serial_mpu, small_chunks, vocab, padded_vocab) -> None:
+    inputs = _linear_inputs(padded_vocab, vocab, torch.float32)
+    fused = _linear_loss_and_grads(*inputs, vocab, fused=True)
+    reference = _linear_loss_and_grads(*inputs, vocab, fused=False)
+    for ours, expected in zip(fused, reference):
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert not fused[2][vocab:].any()  # padding rows of the weight take no gradient
+
+
+def test_linear_cross_entropy_half_is_within_half_rounding(serial_mpu, small_chunks) -> None:
+    inputs = _linear_inputs(64, 50, torch.bfloat16)
+    fused = _linear_loss_and_grads(*inputs, 50, fused=True)
+    reference = _linear_loss_and_grads(*inputs, 50, fused=False)
+    assert fused[0].dtype == torch.float32 and fused[1].dtype == fused[2].dtype == torch.bfloat16
+    # The logits are rounded to bf16 once (as the model's bf16 logits are), so the loss differs by
+    # that rounding; the gradients by a few bf16 roundings of their largest entries.
+    torch.testing.assert_close(fused[0], reference[0], atol=0.1, rtol=0.02)
+    for ours, expected in zip(fused[1:], reference[1:]):
+        torch.testing.assert_close(ours.float(), expected, atol=0.02 * expected.abs().max().item(), rtol=0.02)
+
+
+def test_linear_cross_entropy_equals_the_logits_path_in_bf16(serial_mpu, small_chunks) -> None:
+    """Against bf16 logits through vocab_parallel_cross_entropy: the same loss bit for bit (both
+    read the same bf16 logits), gradients within the extra rounding of the scaled operands."""
+    hidden, weight, target, weights = _linear_inputs(64, 50, torch.bfloat16)
+    fused = _linear_loss_and_grads(hidden, weight, target, weights, 50, fused=True)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = mpu.vocab_parallel_cross_entropy(F.linear(h, w), target, 50)
+    (loss * weights).sum().backward()
+    assert torch.equal(fused[0], loss.detach())
+    for ours, expected in zip(fused[1:], (h.grad, w.grad)):
+        torch.testing.assert_close(ours, expected, atol=0.01 * expected.abs().max().item(), rtol=0.01)
+
+
+def test_linear_cross_entropy_without_grad_gives_the_loss(serial_mpu) -> None:
+    hidden, weight, target, weights = _linear_inputs(64, 50, torch.float32)
+    with torch.no_grad():
+        loss = mpu.vocab_parallel_linear_cross_entropy(hidden, weight, target, 50)
+    torch.testing.assert_close(loss, _linear_loss_and_grads(hidden, weight, target, weights, 50, fused=False)[0])
+
+
+def test_linear_cross_entropy_buffer_is_reused_when_free_only(serial_mpu) -> None:
+    hidden, weight, target, weights = _linear_inputs(64, 50, torch.float32)
+    pointers = []
+    for _ in range(3):
+        _linear_loss_and_grads(hidden, weight, target, weights, 50, fused=True)
+        pointers.append(next(iter(cross_entropy._linear_buffers.values())).data_ptr())
+    assert len(set(pointers)) == 1
+    # A graph not yet backpropagated holds the buffer: a second forward must not overwrite it.
+    first = hidden.clone().requires_grad_()
+    pending = mpu.vocab_parallel_linear_cross_entropy(first, weight, target, 50)
+    _linear_loss_and_grads(hidden * 2, weight, target, weights, 50, fused=True)
+    (pending * weights).sum().backward()
+    expected = _linear_loss_and_grads(hidden, weight, target, weights, 50, fused=False)[1]
+    torch.testing.assert_close(first.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def _check_linear_model_parallel(rank: int, world_size: int, dtype: torch.dtype) -> None:
+    cross_entropy.CHUNK_BYTES = 2 * 4 * 32  # several chunks per rank
+    mpu.initialize_model_parallel(world_size)
+    hidden, weight, target, weights = _linear_inputs(64, 50, dtype)
+    serial = _linear_loss_and_grads(hidden, weight, target, weights, 50, fused=False)
+    shard = torch.chunk(weight, world_size, dim=0)[rank]
+    h = hidden.clone().requires_grad_()
+    w = shard.clone().requires_grad_()
+    loss = mpu.vocab_parallel_linear_cross_entropy(mpu.copy_to_model_parallel_region(h), w, target, 50)
+    (loss * weights).sum().backward()
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    torch.testing.assert_close(loss, serial[0], **tolerance)
+    for ours, expected in ((h.grad, serial[1]), (w.grad, torch.chunk(serial[2], world_size, dim=0)[rank])):
+        scale = expected.abs().max().item()
+        atol = 1e-5 if dtype == torch.float32 else 0.02 * scale
+        torch.testing.assert_close(ours.float(), expected, atol=atol, rtol=tolerance["rtol"])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_model_parallel_equals_serial(world_size: int, dtype: torch.dtype) -> None:
+    # At 4 ranks the last rank (ids 48-63) holds 2 true ids and 14 padding columns.
+    run_distributed(_check_linear_model_parallel, world_size, dtype)
+
+
 def test_half_outputs_give_the_same_loss_and_gradients(serial_mpu) -> None:
     logits, target, weights = _inputs(64, 50, torch.float32)
     results = []

@@ -69,6 +69,35 @@ def test_model_parallel_equals_serial(world_size: int) -> None:
     run_distributed(_check_equals_serial, world_size)
 
 
+def _check_labels_give_the_logits_loss(rank: int, world_size: int) -> None:
+    mpu.initialize_model_parallel(world_size)
+    inputs, labels = _batch()
+    results = []
+    for fused in (False, True):
+        model = _build(seed=5)
+        model.loss_vocab_size = VOCAB
+        if fused:
+            losses = model(inputs, None, None, labels=labels)
+        else:
+            losses = mpu.vocab_parallel_cross_entropy(model(inputs, None, None), labels, vocab_size=VOCAB)
+        weights = torch.arange(1.0, losses.numel() + 1).view_as(losses) / losses.numel()  # per-token
+        (losses * weights).sum().backward()
+        results.append((losses.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (losses, grads), (fused_losses, fused_grads) = results
+    assert fused_losses.shape == labels.shape and fused_losses.dtype == torch.float32
+    torch.testing.assert_close(fused_losses, losses, atol=1e-6, rtol=1e-6)
+    for name in grads:
+        # fp32 sums taken in another order (G @ W then rows scaled, not the scaled G @ W)
+        torch.testing.assert_close(fused_grads[name], grads[name], atol=1e-6, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_labels_give_the_loss_of_the_logits(world_size: int) -> None:
+    """Training's fused output layer + loss equals the cross-entropy of the returned logits."""
+    run_distributed(_check_labels_give_the_logits_loss, world_size)
+
+
 def _check_checkpointing_with_dropout(rank: int, world_size: int) -> None:
     mpu.initialize_model_parallel(world_size)
     results = []
