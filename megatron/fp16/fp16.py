@@ -290,8 +290,9 @@ class FP16_Optimizer:
         """After backward: update master grads, unscale, clip to ``max_norm`` (0: no clipping),
         step and update the loss scale, all without reading a value on the host.
 
-        Overflow is detected as in :meth:`update_master_grads` (agreed over the model-parallel
-        group); an overflowed step is skipped by the wrapped optimizer itself (``found_inf``), so
+        Overflow (an inf or nan gradient) is detected as in :meth:`update_master_grads`, agreed
+        over the model-parallel group; with clipping it is a non-finite gradient norm, as on the
+        fp32 path. An overflowed step is skipped by the wrapped optimizer itself (``found_inf``), so
         the scale, the skip counter and the masters change exactly as through :meth:`step`.
         Returns ``(found_inf, grad_norm)``: 0-dim tensors, 1.0 when the step was skipped, and
         the norm before clipping (None without clipping).
@@ -299,10 +300,16 @@ class FP16_Optimizer:
         if not supports_found_inf(self.optimizer):
             raise TypeError(f"{type(self.optimizer).__name__} cannot skip a step on the device; "
                             "use update_master_grads/clip_master_grads/step (or a fused AdamW)")
-        found_inf = overflow_flag(self.model_params).to(self._skipped.device)
         self._copy_model_grads_to_masters()
         self._unscale_master_grads()
-        grad_norm = self._clip(max_norm) if max_norm > 0 else None
+        if max_norm > 0:
+            # The norm of the widened grads is inf or nan exactly when one of them is, and is the
+            # same on every model-parallel rank: it is the overflow check, with no pass of its own.
+            grad_norm = self._clip(max_norm)
+            found_inf = (~torch.isfinite(grad_norm)).float().to(self._skipped.device)
+        else:
+            grad_norm = None  # checked in fp32 (the widened grads): half reductions are slow on CPU
+            found_inf = overflow_flag(self._optimized_params()).to(self._skipped.device)
         step_unless_found_inf(self.optimizer, found_inf)
         self.loss_scaler.update_scale(found_inf)
         self._skipped += found_inf.long()
