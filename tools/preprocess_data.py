@@ -76,15 +76,16 @@ def encode_lines(task: tuple[str, list[tuple[int, bytes]], list[str], bool, type
         except LooseJSONError as error:
             records.append((len(line), str(error)))
     texts = [text for _, record in records if isinstance(record, dict) for text in record.values()]
-    encoded_texts = iter(tokenizer.tokenize_batch([text if text.strip() else "" for text in texts]))
+    # numpy arrays (no Python int per token) pickle compactly on the way back from a worker
+    encoded_texts = iter(tokenizer.tokenize_batch_numpy([text if text.strip() else "" for text in texts], dtype))
+    eod = np.array([tokenizer.eod], dtype)
     results: list[tuple[int, object]] = []
     for size, record in records:
         if isinstance(record, dict):
             encoded = {}
             for key in record:
                 ids = next(encoded_texts)
-                # numpy arrays pickle compactly on the way back from a worker
-                encoded[key] = np.asarray(ids + [tokenizer.eod] if ids and append_eod else ids, dtype)
+                encoded[key] = np.concatenate([ids, eod]) if ids.size and append_eod else ids
             record = encoded
         results.append((size, record))
     return results

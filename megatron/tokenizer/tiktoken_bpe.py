@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import regex
 import tiktoken
 
@@ -36,6 +37,9 @@ import tiktoken
 # and stops with a stack overflow (a Rust panic) past about a million characters. Runs this long
 # are cut out of the text and encoded as the pieces GPT-2 makes of them (``_encode_long_runs``).
 LONG_WHITESPACE = 1 << 16
+# A special token no call allows: tiktoken's numpy output goes through ``encode``, which with no
+# special token at all would search an empty pattern at every position (a third slower).
+_NEVER_ALLOWED = "<|special tokens are ordinary text|>"
 
 @lru_cache(maxsize=1)
 def byte_symbols() -> dict[str, int]:
@@ -139,9 +143,11 @@ class TiktokenBPE:
     each id's bytes, invalid UTF-8 replaced by U+FFFD as Hugging Face's ``ByteLevel`` decoder does."""
 
     def __init__(self, vocab: dict[str, int], ranks: TiktokenRanks, pattern: str) -> None:
-        self._encoding = tiktoken.Encoding("gpt2-bpe", pat_str=pattern,
-                                           mergeable_ranks=ranks.mergeable_ranks, special_tokens={})
+        unused_rank = max(ranks.mergeable_ranks.values()) + 1
+        self._encoding = tiktoken.Encoding("gpt2-bpe", pat_str=pattern, mergeable_ranks=ranks.mergeable_ranks,
+                                           special_tokens={_NEVER_ALLOWED: unused_rank})
         self._ranks = ranks
+        self._rank_to_id_array = None if ranks.rank_to_id is None else np.asarray(ranks.rank_to_id, np.uint32)
         self._one_piece: tiktoken.Encoding | None = None  # built for the first long whitespace run
         self._id_to_bytes = {rank if ranks.rank_to_id is None else ranks.rank_to_id[rank]: as_bytes
                              for as_bytes, rank in ranks.mergeable_ranks.items()}
@@ -166,6 +172,17 @@ class TiktokenBPE:
         # per byte, and preprocessing already runs one process per core.
         encode = self.encode
         return [encode(text) for text in texts]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Ids of ``text`` as a uint32 array, without a Python int per token: about 1.3x the rate
+        of ``encode`` and a conversion. Special tokens are ordinary text here too (none allowed)."""
+        if not text.isascii():
+            _check_encodable(text)
+        if len(text) >= LONG_WHITESPACE and _may_hold_long_run(text):
+            ranks = np.asarray(self._encode_long_runs(text), np.uint32)
+        else:
+            ranks = self._encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return ranks if self._rank_to_id_array is None else self._rank_to_id_array[ranks]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; ids outside the vocabulary (a model's padding) decode to nothing."""

@@ -15,6 +15,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from megatron.errors import ConfigError
@@ -54,6 +55,11 @@ class AbstractTokenizer(ABC):
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text; subclasses may do this faster than one at a time."""
         return [self.tokenize(text) for text in texts]
+
+    def tokenize_batch_numpy(self, texts: Sequence[str], dtype: type) -> list[np.ndarray]:
+        """Ids of each text as a ``dtype`` array (what preprocessing writes); subclasses may skip
+        the Python lists."""
+        return [np.asarray(ids, dtype) for ids in self.tokenize_batch(texts)]
 
 
 def unreadable_file_error(flag: str, path: str | os.PathLike, error: OSError) -> TokenizerFileError:
@@ -204,6 +210,12 @@ class GPT2BPETokenizer(AbstractTokenizer):
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._encoder.encode_batch(texts)
+
+    def tokenize_batch_numpy(self, texts: Sequence[str], dtype: type) -> list[np.ndarray]:
+        if isinstance(self._encoder, TiktokenBPE):
+            encode = self._encoder.encode_array
+            return [encode(text).astype(dtype, copy=False) for text in texts]
+        return super().tokenize_batch_numpy(texts, dtype)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._encoder.decode(ids)

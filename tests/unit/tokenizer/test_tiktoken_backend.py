@@ -13,6 +13,7 @@ import unicodedata
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import regex
 import tiktoken
@@ -75,6 +76,7 @@ def test_random_merge_lists_give_gpt2_ids_or_fall_back(tmp_path, reference_bpe):
         inputs = texts + [a + b for a, b in merges]
         expected = [reference.encode(text) for text in inputs]
         assert tokenizer.tokenize_batch(inputs) == expected, (merges, tokenizer.backend)
+        assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(inputs, np.int32)] == expected
         backends.append(tokenizer.backend)
         if tokenizer.backend == "tokenizers":
             assert "unreachable" in str(caught[0].message)
@@ -111,8 +113,10 @@ def test_ids_not_in_merge_order_are_translated(tmp_path, demo_paths, reference_b
     reference = reference_bpe(str(tmp_path / "v.json"), str(demo_paths["merges"]))
     texts = [json.loads(line)["text"] for line in open(demo_paths["data"], encoding="utf-8")][:300]
     texts.append("".join(map(chr, range(256))) + " ünïcödé 中文 😀 <|endoftext|>")
-    assert tokenizer.tokenize_batch(texts) == [reference.encode(text) for text in texts]
-    assert [tokenizer.detokenize(reference.encode(text)) for text in texts] == texts
+    expected = [reference.encode(text) for text in texts]
+    assert tokenizer.tokenize_batch(texts) == expected
+    assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(texts, np.int32)] == expected
+    assert [tokenizer.detokenize(ids) for ids in expected] == texts
 
 
 def split_check_texts() -> list[str]:
@@ -184,6 +188,7 @@ def test_every_byte_category_and_special_text(demo_paths, reference_bpe):
     expected = [reference.encode(t) for t in texts]
     assert tokenizer.tokenize_batch(texts) == expected == hf.tokenize_batch(texts)
     assert [tokenizer.tokenize(t) for t in texts] == expected
+    assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(texts, np.uint16)] == expected
     assert tokenizer.eod not in expected[3] + expected[4]
     assert [tokenizer.detokenize(ids) for ids in expected] == texts
 
@@ -247,7 +252,9 @@ def test_long_whitespace_runs_split_as_gpt2(monkeypatch, demo_paths, reference_b
     texts = ["".join(rng.choices(pieces, k=rng.randint(1, 40))) for _ in range(3000)]
     long_runs = sum(tiktoken_bpe._long_run(4).search(text) is not None for text in texts)
     assert long_runs > 1000
-    assert tokenizer.tokenize_batch(texts) == [reference.encode(text) for text in texts]
+    expected = [reference.encode(text) for text in texts]
+    assert tokenizer.tokenize_batch(texts) == expected
+    assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(texts, np.uint16)] == expected
 
 
 def test_million_character_whitespace_runs(demo_paths):
@@ -257,4 +264,6 @@ def test_million_character_whitespace_runs(demo_paths):
     tokenizer, hf = GPT2BPETokenizer(*files), GPT2BPETokenizer(*files, backend="tokenizers")
     run = 1_050_000
     texts = ["x" + " " * run + "y", "a.\n" + "\t \u3000" * (run // 3)]
-    assert tokenizer.tokenize_batch(texts) == hf.tokenize_batch(texts)
+    expected = hf.tokenize_batch(texts)
+    assert tokenizer.tokenize_batch(texts) == expected
+    assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(texts, np.uint16)] == expected

@@ -8,6 +8,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron.tokenizer import EOD_TOKEN, GPT2BPETokenizer, TokenizerFileError, build_tokenizer
@@ -57,6 +58,7 @@ def assert_same_ids(reference_bpe: type, vocab: str, merges: str, texts: list[st
     assert tokenizer.backend == "tiktoken"
     got = tokenizer.tokenize_batch(texts)
     assert got == hf.tokenize_batch(texts)
+    assert [ids.tolist() for ids in tokenizer.tokenize_batch_numpy(texts, np.uint16)] == got
     for text, ids in zip(texts, got):
         assert ids == reference.encode(text), f"ids differ for {text!r}"
         assert tokenizer.detokenize(ids) == text == hf.detokenize(ids)
