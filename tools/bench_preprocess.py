@@ -6,12 +6,13 @@
 Rows per corpus:
   * tokenizer only (one process, the first 5 MB in ~64 KB batches, construction not timed), MB
     per CPU-second: GPT2BPETokenizer on tiktoken, the same on Hugging Face ``tokenizers`` (the
-    previous backend, measured in the same run), and the pure-Python reference;
+    previous backend, measured in the same run), and the pure-Python reference, all returning
+    lists of ids; and tiktoken returning numpy arrays, as the pipeline's workers use it;
   * tools/preprocess_data.py's whole pipeline (JSON parsing, tokenising, writing .bin/.idx) with
     tiktoken on 1 and 2 worker processes, and the pure-Python reference on 1 (the baseline).
 A pipeline row splits its wall time into a fixed start-up (building the tokenizer, forking the
 pool, the first task, the tail and finalising: the time beyond what the steady rate needs) and a
-steady-state rate (MB/s between 10% and 90% of the input, from the per-task timeline). The
+steady-state rate (MB/s fitted to the per-task timeline between 10% and 90% of the input). The
 pure-Python baseline is OpenAI's GPT-2 ``encoder.py`` algorithm with its unbounded word cache
 (tools/reference_gpt2_bpe.py), what the original Megatron tokenizer ran.
 
@@ -50,6 +51,7 @@ from preprocess_data import preprocess  # noqa: E402
 from reference_gpt2_bpe import ReferenceGPT2BPE  # noqa: E402
 
 from megatron.data.demo import ensure_demo_corpus  # noqa: E402
+from megatron.data.indexed_dataset import best_token_dtype  # noqa: E402
 from megatron.tokenizer import EOD_TOKEN, AbstractTokenizer, GPT2BPETokenizer  # noqa: E402
 
 SCRIPTS = ("abcdefghijklmnopqrstuvwxyzàáâãäåæçèéêëìíîïñòóôõöøùúûüýÿœšž",
@@ -58,6 +60,9 @@ SCRIPTS = ("abcdefghijklmnopqrstuvwxyzàáâãäåæçèéêëìíîïñòóôõ
            "!?.,;:-()[]{}\"'/@#%&*+=", "😀😂🙂🚀🌍🎉💡🔥")
 TOKENIZER_ONLY_BYTES = 5_000_000
 TOKENIZERS = ("tiktoken", "hf-tokenizers", "pure-python")
+# Tokenizer-only rows: every tokenizer through tokenize_batch (lists of ints), and tiktoken through
+# tokenize_batch_numpy too, the arrays the pipeline writes: a worker is compared with that row.
+TOKENIZER_ONLY = (("tiktoken", "lists"), ("tiktoken", "arrays"), ("hf-tokenizers", "lists"), ("pure-python", "lists"))
 PIPELINES = (("tiktoken", 1), ("tiktoken", 2), ("pure-python", 1))
 STEADY_SPAN = (0.1, 0.9)  # the steady rate is measured between these fractions of the input
 TARGETS = {"tokenizer_only_vs_hf": 3.0, "pipeline_2w_vs_pure_python_1w": {"mixed": 10.0, "demo-repeated": 6.0},
@@ -203,17 +208,19 @@ def read_batches(path: str) -> tuple[list[list[str]], int, int]:
 
 
 def tokenizer_only_row(corpus: str, name: str, factory: Callable[[], AbstractTokenizer],
-                       path: str) -> dict:
+                       path: str, api: str = "lists") -> dict:
     """The tokenizer alone, in this process, on the first TOKENIZER_ONLY_BYTES of ``path``
-    (``tokenize_batch``), construction timed apart."""
+    (``tokenize_batch``, or ``tokenize_batch_numpy`` for ``api`` "arrays"), construction timed apart."""
     batches, count, size = read_batches(path)
     built = time.perf_counter()
     tokenizer = factory()
     built = time.perf_counter() - built
+    dtype = best_token_dtype(tokenizer.vocab_size)
+    encode = tokenizer.tokenize_batch if api == "lists" else functools.partial(tokenizer.tokenize_batch_numpy, dtype=dtype)
     start, cpu_start = time.perf_counter(), cpu_seconds()
-    tokens = sum(len(ids) for batch in batches for ids in tokenizer.tokenize_batch(batch))
+    tokens = sum(len(ids) for batch in batches for ids in encode(batch))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
-    return {"corpus": corpus, "tokenizer": name, "mode": "tokenizer only, 1 process",
+    return {"corpus": corpus, "tokenizer": name, "mode": f"tokenizer only, {api}",
             "workers": 1, "documents": count, "megabytes": size / 1e6, "tokens": tokens,
             "seconds": seconds, "cpu_seconds": cpu, "mb_per_s": size / 1e6 / seconds,
             "construction_seconds": built}
@@ -235,41 +242,42 @@ def bench_corpus(corpus: str, path: str, makers: dict[str, Callable[[], Abstract
                  scratch: str, repeats: int) -> list[dict]:
     """Every row for one corpus (best of ``repeats`` interleaved runs), with steady-state
     speed-ups against the pure-Python 1-worker pipeline."""
-    runs: dict[tuple[str, int], list[dict]] = {}
+    runs: dict[tuple[str, int | str], list[dict]] = {}
     for _ in range(repeats):
-        for name in TOKENIZERS:
-            runs.setdefault((name, 0), []).append(tokenizer_only_row(corpus, name, makers[name], path))
+        for name, api in TOKENIZER_ONLY:
+            runs.setdefault((name, api), []).append(tokenizer_only_row(corpus, name, makers[name], path, api))
         for name, workers in PIPELINES:
             runs.setdefault((name, workers), []).append(
                 pipeline_row(corpus, name, makers[name], workers, path, scratch))
     rows = [best_of(runs[key]) for key in runs]
-    baseline = pick(rows, "pure-python", 1)["steady_mb_per_s"]
+    baseline = pick(rows, "pure-python", "pipeline, 1 worker(s)")["steady_mb_per_s"]
     for row in rows:
         row["speedup_vs_pure_python_pipeline_1w"] = row.get("steady_mb_per_s", row["mb_per_s"]) / baseline
     return rows
 
 
-def pick(rows: list[dict], tokenizer: str, workers: int, corpus: str | None = None) -> dict:
-    """The row of ``tokenizer`` (``workers`` 0: tokenizer only, else that pipeline)."""
-    return next(row for row in rows if row["tokenizer"] == tokenizer and (corpus is None or row["corpus"] == corpus)
-                and (row["mode"].startswith("pipeline") if workers else row["mode"].startswith("tokenizer"))
-                and row["workers"] == max(workers, 1))
+def pick(rows: list[dict], tokenizer: str, mode: str) -> dict:
+    """The row of ``tokenizer`` in ``mode``."""
+    return next(row for row in rows if row["tokenizer"] == tokenizer and row["mode"] == mode)
 
 
 def ratios(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """Issue 19's ratios per corpus: tiktoken vs HF tokenizers (tokenizer only, per CPU-second);
-    2-worker tiktoken pipeline vs 1-worker pure-Python pipeline (steady state); each pipeline's
-    per-worker steady rate over tiktoken's tokenizer-only rate per CPU-second."""
+    """Issue 19's ratios per corpus: tiktoken vs HF tokenizers (tokenizer only, both returning
+    lists, per CPU-second); 2-worker tiktoken pipeline vs 1-worker pure-Python pipeline (steady
+    state); each tiktoken pipeline's per-worker steady rate over tiktoken's tokenizer-only rate
+    per CPU-second with the arrays the pipeline uses."""
     result: dict[str, dict[str, float]] = {}
     for corpus in dict.fromkeys(row["corpus"] for row in rows):
-        tiktoken_only = pick(rows, "tiktoken", 0, corpus)["mb_per_cpu_s"]
+        per_cpu = {(row["tokenizer"], row["mode"]): row["mb_per_cpu_s"] for row in rows if row["corpus"] == corpus}
+        steady = {(row["tokenizer"], row["mode"]): row.get("steady_mb_per_s") for row in rows if row["corpus"] == corpus}
+        arrays = per_cpu["tiktoken", "tokenizer only, arrays"]
         result[corpus] = {
-            "tokenizer_only_vs_hf": tiktoken_only / pick(rows, "hf-tokenizers", 0, corpus)["mb_per_cpu_s"],
-            "pipeline_2w_vs_pure_python_1w": pick(rows, "tiktoken", 2, corpus)["steady_mb_per_s"]
-            / pick(rows, "pure-python", 1, corpus)["steady_mb_per_s"],
+            "tokenizer_only_vs_hf": per_cpu["tiktoken", "tokenizer only, lists"]
+            / per_cpu["hf-tokenizers", "tokenizer only, lists"],
+            "pipeline_2w_vs_pure_python_1w": steady["tiktoken", "pipeline, 2 worker(s)"]
+            / steady["pure-python", "pipeline, 1 worker(s)"],
             **{f"per_worker_vs_tokenizer_only_{workers}w":
-               pick(rows, "tiktoken", workers, corpus)["steady_mb_per_s"] / workers / tiktoken_only
-               for workers in (1, 2)}}
+               steady["tiktoken", f"pipeline, {workers} worker(s)"] / workers / arrays for workers in (1, 2)}}
     return result
 
 
