@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron import mpu
 
+from .dropout import Dropout
 from .language_model import parallel_lm_logits
 from .transformer import (
     LAYERNORM_EPSILON,
@@ -64,7 +65,7 @@ class BertEmbeddings(nn.Module):
             init_method(self.tokentype_embeddings.weight)
         post_ln = not config.pre_layernorm
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=LAYERNORM_EPSILON) if post_ln else None
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.dropout = Dropout(config.hidden_dropout)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 tokentype_ids: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .kv_cache import KVCache
 from .language_model import parallel_lm_logits, parallel_lm_loss
 from .transformer import ParallelTransformer, build_gpt2_embeddings, draw_init_seed
@@ -59,7 +60,7 @@ class GPT2Model(nn.Module):
         init_seed = draw_init_seed()
         self.word_embeddings, self.position_embeddings = build_gpt2_embeddings(
             vocab_size, hidden_size, max_sequence_length, init_method_std, init_seed)
-        self.embedding_dropout = nn.Dropout(embedding_dropout_prob)
+        self.embedding_dropout = Dropout(embedding_dropout_prob)
         self.transformer = ParallelTransformer(
             num_layers, hidden_size, num_attention_heads, attention_dropout_prob, output_dropout_prob,
             checkpoint_activations, checkpoint_num_layers, init_method_std, init_seed,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .dropout import Dropout
 from .language_model import lm_loss, parallel_lm_logits
 from .transformer import (
     LAYERNORM_EPSILON,
@@ -37,7 +38,7 @@ class EmbeddingPipe(nn.Module):
         super().__init__()
         self.word_embeddings, self.position_embeddings = build_gpt2_embeddings(
             vocab_size, hidden_size, max_sequence_length, init_method_std, init_seed)
-        self.embedding_dropout = nn.Dropout(embedding_dropout_prob)
+        self.embedding_dropout = Dropout(embedding_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)

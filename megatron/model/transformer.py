@@ -17,6 +17,7 @@ from torch import nn
 
 from megatron import mpu
 
+from .dropout import Dropout, dropout
 from .kv_cache import KVCache, LayerKVCache
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -99,6 +100,24 @@ def _sdpa_mask(attention_mask: torch.Tensor | None, new: int, past: int,
     return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False
 
 
+def _causal_attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                   dropout_p: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)`` for CPU
+    training, with the probabilities' dropout drawn by ``dropout.dropout``. ``(b, np, s, hn)`` each.
+
+    On CPU SDPA has no fused kernel with dropout: its fallback takes several more passes over the
+    ``(b, np, s, s)`` scores (scaling, a boolean mask turned into -inf, a "safe" softmax, bernoulli
+    masks). Here: one ``baddbmm`` adds the causal -inf bias as it writes the scores, then softmax,
+    dropout and the product with the values; half the time in fp32, under half in bf16.
+    """
+    b, heads, s, head_size = query.shape
+    causal_bias = torch.full((s, s), float("-inf"), dtype=query.dtype, device=query.device).triu_(1)
+    scores = torch.baddbmm(causal_bias.unsqueeze(0), query.reshape(b * heads, s, head_size),
+                           key.reshape(b * heads, s, head_size).transpose(1, 2), alpha=1.0 / math.sqrt(head_size))
+    probs = dropout(torch.softmax(scores, dim=-1), dropout_p)  # (b np, s, s)
+    return torch.bmm(probs, value.reshape(b * heads, s, head_size)).view(b, heads, s, head_size)
+
+
 class ParallelSelfAttention(nn.Module):
     """Causal multi-head self-attention with heads split across model-parallel ranks.
 
@@ -130,7 +149,7 @@ class ParallelSelfAttention(nn.Module):
         self.dense = mpu.RowParallelLinear(
             hidden_size, hidden_size, input_is_parallel=True, init_method=output_layer_init_method
         )
-        self.output_dropout = nn.Dropout(output_dropout_prob)
+        self.output_dropout = Dropout(output_dropout_prob)
         self.activation_checkpointing = default_activation_checkpointing()
 
     def _split_heads(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -154,9 +173,12 @@ class ParallelSelfAttention(nn.Module):
         else:
             # The probabilities belong to this rank's heads: draw their dropout from the mp generator.
             with self.activation_checkpointing.rng_tracker.fork():
-                context = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
-                )  # (b, np, s, hn)
+                if query.device.type == "cpu" and is_causal:
+                    context = _causal_attention_with_dropout(query, key, value, dropout_p)
+                else:
+                    context = F.scaled_dot_product_attention(
+                        query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal
+                    )  # (b, np, s, hn)
         b, _, s, _ = context.shape
         context = context.transpose(1, 2).reshape(b, s, self.hidden_size_per_partition)
         return self.output_dropout(self.dense(context))
@@ -179,7 +201,7 @@ class ParallelMLP(nn.Module):
         self.dense_4h_to_h = mpu.RowParallelLinear(
             4 * hidden_size, hidden_size, input_is_parallel=True, init_method=output_layer_init_method
         )
-        self.dropout = nn.Dropout(output_dropout_prob)
+        self.dropout = Dropout(output_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         intermediate = F.gelu(self.dense_h_to_4h(hidden_states), approximate="tanh")

@@ -1,0 +1,69 @@
+"""The CPU dropout (32-bit integer masks) and the causal attention with dropout built on it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.model.dropout import Dropout, dropout, keep_mask
+from megatron.model.transformer import _causal_attention_with_dropout
+
+
+def test_keep_mask_keeps_the_asked_fraction_in_both_halves_of_each_draw() -> None:
+    torch.manual_seed(0)
+    mask = keep_mask((1000, 1000), 0.9, torch.device("cpu")).float()
+    sigma = math.sqrt(0.9 * 0.1 / 5e5)
+    for half in (mask.view(-1)[0::2], mask.view(-1)[1::2]):  # the low and high 32 bits of each int64
+        assert abs(half.mean().item() - 0.9) < 5 * sigma
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_scales_what_it_keeps_and_its_gradient_is_the_mask(dtype: torch.dtype) -> None:
+    x = (torch.rand(64, 33) + 1.0).to(dtype).requires_grad_()
+    torch.manual_seed(3)
+    out = dropout(x, 0.25)
+    torch.manual_seed(3)
+    keep = keep_mask(x.shape, 0.75, x.device)
+    expected = torch.where(keep, x.detach() * torch.tensor(1 / 0.75, dtype=dtype), torch.zeros((), dtype=dtype))
+    assert out.dtype == dtype and torch.equal(out, expected)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(x.grad, torch.where(keep, torch.tensor(1 / 0.75, dtype=dtype), torch.zeros((), dtype=dtype)))
+
+
+def test_dropout_is_the_identity_when_off_and_draws_nothing() -> None:
+    x = torch.randn(5, 7)
+    state = torch.get_rng_state()
+    assert dropout(x, 0.0) is x and dropout(x, 0.5, training=False) is x
+    module = Dropout(0.5).eval()
+    assert module(x) is x
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not dropout(x, 1.0).any()
+
+
+def test_causal_attention_with_dropout_is_softmax_dropout_values() -> None:
+    gen = torch.Generator().manual_seed(1)
+    query, key, value = (torch.randn(2, 3, 9, 4, generator=gen, dtype=torch.float64).requires_grad_()
+                         for _ in range(3))
+    torch.manual_seed(7)
+    context = _causal_attention_with_dropout(query, key, value, 0.2)
+    grads = torch.autograd.grad(context.square().sum(), (query, key, value))
+
+    torch.manual_seed(7)
+    keep = keep_mask((6, 9, 9), 0.8, query.device).view(2, 3, 9, 9)
+    scores = query @ key.transpose(-1, -2) / 2.0
+    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    expected = (torch.softmax(scores, dim=-1) * keep / 0.8) @ value
+    torch.testing.assert_close(context, expected)
+    for ours, reference in zip(grads, torch.autograd.grad(expected.square().sum(), (query, key, value))):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_causal_attention_without_dropout_draws_equals_sdpa() -> None:
+    gen = torch.Generator().manual_seed(2)
+    query, key, value = (torch.randn(2, 3, 9, 4, generator=gen) for _ in range(3))
+    keep_everything = 2.0**-40  # below the mask's resolution: every element kept, scaled by ~1
+    torch.testing.assert_close(_causal_attention_with_dropout(query, key, value, keep_everything),
+                               F.scaled_dot_product_attention(query, key, value, is_causal=True))
