@@ -94,6 +94,7 @@ class BackgroundSaver:
     def __init__(self) -> None:
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()
         self._error: BaseException | None = None
 
     @property
@@ -104,6 +105,7 @@ class BackgroundSaver:
         """Run ``work`` in the background (after the previous save, which must be waited for)."""
         assert self._thread is None, "wait() for the previous checkpoint first"
         self._error = None
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name=f"checkpoint-{name}", daemon=True)
         self._thread.start()
 
@@ -113,13 +115,20 @@ class BackgroundSaver:
             work()
         except BaseException as error:  # noqa: BLE001 - re-raised on the training thread by wait()
             self._error = error
+        finally:
+            self._done.set()
 
     def wait(self) -> None:
         """Block until the checkpoint in flight is complete; re-raise its failure here."""
-        thread, self._thread = self._thread, None
+        thread = self._thread
         if thread is None:
             return
+        # An Event, not Thread.join alone: a join interrupted by Ctrl-C marks the thread stopped
+        # while it still runs (Python < 3.13), and the save must stay in flight (``busy``) for
+        # settle_checkpoint.
+        self._done.wait()
         thread.join()
+        self._thread = None
         error, self._error = self._error, None
         if error is not None:
             raise error

@@ -190,6 +190,17 @@ def _write_staging(run: RunConfig, backend: Backend, staging_tag: str, state: di
     return None
 
 
+def _make_staging(save: str, staging_dir: str) -> str | None:
+    """Rank 0: an empty staging directory; the failure if it cannot be made (``--save`` became
+    read-only, lost its permissions or is full)."""
+    try:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        os.makedirs(staging_dir)
+    except OSError as error:
+        return _failure(error, save)
+    return None
+
+
 def _write_snapshots(save: str, staging_dir: str, snapshots: Snapshots) -> str | None:
     """Write and flush the files ``snapshots`` kept (in the background); the failure if one failed."""
     try:
@@ -273,10 +284,9 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
     tag = checkpoint_tag(iteration)
     staging_tag, final_dir = tag + ".tmp", os.path.join(save, tag)
     staging_dir = os.path.join(save, staging_tag)
-    if _rank() == 0:
-        shutil.rmtree(staging_dir, ignore_errors=True)
-        os.makedirs(staging_dir)
-    _barrier()
+    made = _make_staging(save, staging_dir) if _rank() == 0 else None
+    if not _all_ok(made is None):  # also the barrier: the staging directory exists for every rank
+        _abort_save(save, staging_dir, iteration, made)
     state = client_state(run, backend, iteration, consumed_samples)
     topology = Topology.of(run, backend.name)
     if saver is None:
