@@ -223,12 +223,14 @@ def _failure(error: OSError | RuntimeError, save: str) -> str:
 
 
 def _keep_aside(final_dir: str) -> None:
-    """Rename an existing ``iter_*`` (one that did not verify, so the run resumed from an earlier
-    checkpoint and has now reached its iteration again) out of the way, never deleting it."""
+    """Rename an existing ``iter_*`` out of the way, never deleting it: the run resumed from an
+    earlier checkpoint (this one did not verify, or the tracker did not name it yet: a kill
+    between the rename and the tracker) and has now reached its iteration again."""
     aside = f"{final_dir}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     os.replace(final_dir, aside)
-    _say(f" note: {final_dir} already existed (it did not verify when the run resumed); it was kept as {aside} "
-         "and the new checkpoint written in its place: delete the old one when you no longer need it")
+    _say(f" note: {final_dir} already existed from an earlier attempt that this run did not resume from (it did "
+         f"not verify, or {TRACKER_FILENAME} did not name it yet); it was kept as {aside} and the new checkpoint "
+         "written in its place: delete the old one when you no longer need it")
 
 
 def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: int, manifest: str,
