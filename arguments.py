@@ -137,6 +137,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--tensorboard-dir", default=None,
                        help="write TensorBoard scalars here (default: tb/ in the experiment directory)")
     group.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard events")
+    group.add_argument("--wandb-project", default=None,
+                       help="also log the scalars to this Weights & Biases project (pip install -e '.[wandb]'; "
+                            "WANDB_MODE=offline keeps the run on disk)")
+    group.add_argument("--wandb-dir", default=None, help="where W&B keeps its run (default: the experiment directory)")
+    group.add_argument("--wandb-run-name", default=None, help="the W&B run's name (default: W&B picks one)")
     group.add_argument("--exp-dir", default=None,
                        help="experiment directory for hparams.json, githash.log, gitdiff.log "
                             "(default: experiments/<timestamp>)")
@@ -247,6 +252,14 @@ def validate_training_args(args: argparse.Namespace) -> None:
     if args.no_tensorboard and args.tensorboard_dir:
         raise ConfigError(f"--no-tensorboard and --tensorboard-dir {args.tensorboard_dir} contradict each other; "
                           "drop one")
+    if (args.wandb_dir or args.wandb_run_name) and not args.wandb_project:
+        raise ConfigError("--wandb-dir and --wandb-run-name need --wandb-project (the Weights & Biases project to "
+                          "log to)")
+    if args.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--wandb-project needs the wandb package: pip install -e '.[wandb]'") from None
     if args.async_save and not args.save:
         raise ConfigError("--async-save changes how checkpoints are written, but no --save is given: add --save DIR, "
                           "or drop --async-save")
@@ -547,6 +560,8 @@ def checkpoint_config(args: argparse.Namespace) -> CheckpointConfig:
 def logging_config(args: argparse.Namespace) -> LoggingConfig:
     return LoggingConfig(log_interval=args.log_interval, log_timers=args.log_timers,
                          tensorboard_dir=args.tensorboard_dir, tensorboard=not args.no_tensorboard,
+                         wandb_project=args.wandb_project, wandb_dir=args.wandb_dir,
+                         wandb_run_name=args.wandb_run_name,
                          exp_dir=args.exp_dir,
                          peak_tflops=args.peak_tflops)
 

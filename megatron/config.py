@@ -124,6 +124,9 @@ class LoggingConfig:
     log_timers: bool = False
     tensorboard_dir: str | None = None  # None: <exp_dir>/tb
     tensorboard: bool = True  # not --no-tensorboard
+    wandb_project: str | None = None  # log the same scalars to Weights & Biases
+    wandb_dir: str | None = None  # None: the experiment directory
+    wandb_run_name: str | None = None
     exp_dir: str | None = None  # None: experiments/<timestamp>
     peak_tflops: float | None = None  # None: GPU table, or a matmul measured on CPU
 

@@ -33,12 +33,13 @@ from megatron.training.exit import ExitConditions, TimedSaves
 from megatron.training.flops import device_peak_tflops, model_flops_per_token, utilization
 from megatron.training.log import (
     IntervalReport,
+    hparams,
     log_line,
     print_rank_0,
     record_experiment,
     write_scalars,
 )
-from megatron.training.runlog import Outcome, RunLog, summary_lines
+from megatron.training.runlog import Outcome, RunLog, WandbSettings, summary_lines
 from megatron.training.timers import Timers, memory_report
 from megatron.training.watchdog import ProgressWatchdog
 
@@ -351,8 +352,11 @@ def run_log(run: RunConfig, exp_dir: str | None) -> RunLog:
     tensorboard_dir = None
     if run.parallel.rank == 0 and logging.tensorboard:
         tensorboard_dir = logging.tensorboard_dir or (os.path.join(exp_dir, "tb") if exp_dir else None)
+    wandb = None
+    if run.parallel.rank == 0 and logging.wandb_project:
+        wandb = WandbSettings(logging.wandb_project, logging.wandb_dir, logging.wandb_run_name, hparams(run))
     return RunLog(exp_dir if run.parallel.rank == 0 else None, tensorboard_dir,
-                  run.global_batch_size * run.data.seq_length)
+                  run.global_batch_size * run.data.seq_length, wandb)
 
 
 def _train_and_summarise(run: RunConfig, model_provider: ModelProvider, data_provider: DataProvider,

@@ -19,6 +19,26 @@ from megatron.config import RunConfig
 TRAIN_LOSS, VALID_LOSS, LEARNING_RATE = "lm loss", "validation loss", "learning rate"
 
 
+@dataclass(frozen=True)
+class WandbSettings:
+    """``--wandb-project``, ``--wandb-dir``, ``--wandb-run-name`` (the names Megatron-DeepSpeed and
+    GPT-NeoX use) and the run's hyper-parameters for the W&B run's config."""
+
+    project: str
+    directory: str | None
+    run_name: str | None
+    config: dict[str, Any]
+
+    def start(self, exp_dir: str | None) -> Any:
+        """A W&B run logging into ``directory`` (default the experiment directory)."""
+        import wandb
+
+        directory = self.directory or exp_dir
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
+        return wandb.init(project=self.project, dir=directory, name=self.run_name, config=self.config)
+
+
 @dataclass
 class Curves:
     """This run's points: (iteration, value) per scalar the plot and the summary need."""
@@ -36,20 +56,26 @@ class Curves:
 class RunLog:
     """Rank 0's TensorBoard events and curves (other ranks make one with nothing to write)."""
 
-    def __init__(self, exp_dir: str | None, tensorboard_dir: str | None, tokens_per_iteration: int) -> None:
+    def __init__(self, exp_dir: str | None, tensorboard_dir: str | None, tokens_per_iteration: int,
+                 wandb: WandbSettings | None = None) -> None:
         self.exp_dir, self.tensorboard_dir = exp_dir, tensorboard_dir
         self.tokens_per_iteration = tokens_per_iteration
         self.curves = Curves()
         self._writer: Any = None
+        self._wandb: Any = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb is not None:
+            self._wandb = wandb.start(exp_dir)
 
     def add_scalar(self, name: str, value: float, iteration: int) -> None:
         self.curves.add(name, value, iteration)
         if self._writer is not None:
             self._writer.add_scalar(name, value, iteration)
+        if self._wandb is not None:
+            self._wandb.log({name: value}, step=iteration)
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -59,6 +85,9 @@ class RunLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     @property
     def plot_path(self) -> str | None:

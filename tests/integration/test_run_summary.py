@@ -5,6 +5,7 @@ experiment directory."""
 from __future__ import annotations
 
 import shlex
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -65,4 +66,57 @@ def test_tensorboard_flags_that_contradict_are_one_line(demo_corpus: Path, tmp_p
     out = run_script("pretrain_gpt2.py", TRAIN + ["--no-tensorboard", "--tensorboard-dir", str(tmp_path)],
                      check=False)
     assert out.returncode == 2 and "--no-tensorboard and --tensorboard-dir" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _wandb_history(run_file: Path) -> list[dict[str, str]]:
+    """The history rows (key -> JSON value) of an offline W&B run file: a LevelDB-style log (a
+    7-byte file header, 32 KiB blocks of records with a 7-byte header: CRC, length, kind) of
+    ``Record`` protobufs. wandb 0.31 no longer ships a Python reader for it."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = run_file.read_bytes(), 32768
+    assert data.startswith(b":W&B")
+    records, pending, position = [], b"", 7
+    while position + 7 <= len(data):
+        left = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if left < 7 or (length == 0 and kind == 0):  # block padding
+            position += left
+            continue
+        chunk = data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind == 1:  # a whole record
+            records.append(chunk)
+        elif kind in (2, 3):  # first and middle pieces
+            pending = (b"" if kind == 2 else pending) + chunk
+        elif kind == 4:  # last piece
+            records.append(pending + chunk)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+
+
+def test_weights_and_biases_offline_logs_the_same_scalars(demo_corpus: Path, tmp_path: Path) -> None:
+    wandb_dir = tmp_path / "wandb-runs"
+    out = run_script("pretrain_gpt2.py", TRAIN + ["--exp-dir", str(tmp_path / "exp"), "--wandb-project", "demo",
+                                                  "--wandb-dir", str(wandb_dir), "--wandb-run-name", "tiny",
+                                                  "--eval-interval", "2"],
+                     check=False, env=dict(ENV, WANDB_MODE="offline", WANDB_SILENT="true"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_files = list(wandb_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, sorted(str(p) for p in wandb_dir.rglob("*"))[:20]
+    rows = _wandb_history(run_files[0])
+    steps = [int(row["_step"]) for row in rows if "lm loss" in row]
+    assert steps == [2, 4, 6], rows
+    assert any("validation loss" in row for row in rows) and any("learning rate" in row for row in rows)
+
+
+def test_wandb_flags_without_a_project_are_one_line(demo_corpus: Path, tmp_path: Path) -> None:
+    out = run_script("pretrain_gpt2.py", TRAIN + ["--wandb-run-name", "x"], check=False)
+    assert out.returncode == 2 and "--wandb-dir and --wandb-run-name need --wandb-project" in out.stderr
     assert "Traceback" not in out.stderr
