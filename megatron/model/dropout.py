@@ -20,14 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device) -> torch.Tensor:
-    """Booleans of ``shape``, each True with probability ``keep_prob`` rounded to a multiple of
-    2**-32 (at most 1 - 2**-32), from the default generator of ``device``."""
+def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """Booleans of ``shape`` (into ``out`` if given), each True with probability ``keep_prob``
+    rounded to a multiple of 2**-32 (at most 1 - 2**-32), from the default generator of ``device``.
+    Masks drawn one after another hold the numbers of one mask of their joint size (even sizes)."""
     count = math.prod(shape)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
     # int32 values below it: keep_prob of them (at most all but one in 2**32; it must fit in int32)
     threshold = min(round(keep_prob * 2**32), 2**32 - 1) - 2**31
-    return (bits.view(torch.int32)[:count] < threshold).view(shape)
+    return torch.lt(bits.view(torch.int32)[:count].view(shape), threshold, out=out)
+
+
+def keep_scale(p: float, dtype: torch.dtype) -> float:
+    """``1 / (1 - p)`` rounded to ``dtype``, the factor kept elements are multiplied by (as ``F.dropout``)."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=dtype))
 
 
 def dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -38,7 +45,7 @@ def dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tenso
     if input.device.type != "cpu" or p >= 1.0 or not input.is_floating_point():
         return F.dropout(input, p, training)
     keep = keep_mask(input.shape, 1.0 - p, input.device)
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=input.dtype)
+    scale = torch.tensor(keep_scale(p, input.dtype), dtype=input.dtype)
     # The scaled mask is what autograd keeps (as F.dropout keeps its mask): grad = grad_out * mask.
     return input * torch.where(keep, scale, torch.zeros((), dtype=input.dtype))
 

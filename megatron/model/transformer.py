@@ -17,7 +17,8 @@ from torch import nn
 
 from megatron import mpu
 
-from .dropout import Dropout, dropout
+from .cpu_attention import causal_attention_with_dropout
+from .dropout import Dropout
 from .kv_cache import KVCache, LayerKVCache
 
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
@@ -100,24 +101,6 @@ def _sdpa_mask(attention_mask: torch.Tensor | None, new: int, past: int,
     return torch.ones(new, past + new, dtype=torch.bool, device=device).tril(diagonal=past), False
 
 
-def _causal_attention_with_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                   dropout_p: float) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)`` for CPU
-    training, with the probabilities' dropout drawn by ``dropout.dropout``. ``(b, np, s, hn)`` each.
-
-    On CPU SDPA has no fused kernel with dropout: its fallback takes several more passes over the
-    ``(b, np, s, s)`` scores (scaling, a boolean mask turned into -inf, a "safe" softmax, bernoulli
-    masks). Here: one ``baddbmm`` adds the causal -inf bias as it writes the scores, then softmax,
-    dropout and the product with the values; half the time in fp32, under half in bf16.
-    """
-    b, heads, s, head_size = query.shape
-    causal_bias = torch.full((s, s), float("-inf"), dtype=query.dtype, device=query.device).triu_(1)
-    scores = torch.baddbmm(causal_bias.unsqueeze(0), query.reshape(b * heads, s, head_size),
-                           key.reshape(b * heads, s, head_size).transpose(1, 2), alpha=1.0 / math.sqrt(head_size))
-    probs = dropout(torch.softmax(scores, dim=-1), dropout_p)  # (b np, s, s)
-    return torch.bmm(probs, value.reshape(b * heads, s, head_size)).view(b, heads, s, head_size)
-
-
 class ParallelSelfAttention(nn.Module):
     """Causal multi-head self-attention with heads split across model-parallel ranks.
 
@@ -174,7 +157,7 @@ class ParallelSelfAttention(nn.Module):
             # The probabilities belong to this rank's heads: draw their dropout from the mp generator.
             with self.activation_checkpointing.rng_tracker.fork():
                 if query.device.type == "cpu" and is_causal:
-                    context = _causal_attention_with_dropout(query, key, value, dropout_p)
+                    context = causal_attention_with_dropout(query, key, value, dropout_p)
                 else:
                     context = F.scaled_dot_product_attention(
                         query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal

@@ -8,8 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.model.cpu_attention import (
+    _BlockedCausalAttention,
+    _plain,
+    causal_attention_with_dropout,
+)
 from megatron.model.dropout import Dropout, dropout, keep_mask
-from megatron.model.transformer import _causal_attention_with_dropout
 
 
 def test_keep_mask_keeps_the_asked_fraction_in_both_halves_of_each_draw() -> None:
@@ -43,27 +47,48 @@ def test_dropout_is_the_identity_when_off_and_draws_nothing() -> None:
     assert not dropout(x, 1.0).any()
 
 
-def test_causal_attention_with_dropout_is_softmax_dropout_values() -> None:
+@pytest.mark.parametrize("attention", [_BlockedCausalAttention.apply, _plain], ids=["blocked", "plain"])
+@pytest.mark.parametrize("seq", [10, 9])  # an odd s * s draws the blocked mask at once
+def test_causal_attention_with_dropout_is_softmax_dropout_values(attention, seq: int) -> None:
     gen = torch.Generator().manual_seed(1)
-    query, key, value = (torch.randn(2, 3, 9, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    query, key, value = (torch.randn(2, 3, seq, 4, generator=gen, dtype=torch.float64).requires_grad_()
                          for _ in range(3))
     torch.manual_seed(7)
-    context = _causal_attention_with_dropout(query, key, value, 0.2)
+    context = attention(query, key, value, 0.2)
     grads = torch.autograd.grad(context.square().sum(), (query, key, value))
 
     torch.manual_seed(7)
-    keep = keep_mask((6, 9, 9), 0.8, query.device).view(2, 3, 9, 9)
+    keep = keep_mask((6, seq, seq), 0.8, query.device).view(2, 3, seq, seq)
     scores = query @ key.transpose(-1, -2) / 2.0
-    scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
+    scores = scores.masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), float("-inf"))
     expected = (torch.softmax(scores, dim=-1) * keep / 0.8) @ value
     torch.testing.assert_close(context, expected)
     for ours, reference in zip(grads, torch.autograd.grad(expected.square().sum(), (query, key, value))):
         torch.testing.assert_close(ours, reference)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_attention_equals_the_plain_formulation(dtype: torch.dtype) -> None:
+    """What eager runs compute equals what compiled runs trace: same masks, same values."""
+    gen = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, 12, 3, 3, 8, generator=gen).to(dtype)  # (b, s, q/k/v, heads, hn), as the model splits
+    results = []
+    for attention in (_BlockedCausalAttention.apply, _plain):
+        leaf = qkv.clone().requires_grad_()
+        query, key, value = (leaf[:, :, index].transpose(1, 2) for index in range(3))
+        torch.manual_seed(5)
+        context = attention(query, key, value, 0.1)
+        context.float().square().sum().backward()
+        results.append((context.detach(), leaf.grad))
+    (blocked, blocked_grad), (plain, plain_grad) = results
+    tolerance = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(blocked, plain, **tolerance)
+    torch.testing.assert_close(blocked_grad, plain_grad, **tolerance)
+
+
 def test_causal_attention_without_dropout_draws_equals_sdpa() -> None:
     gen = torch.Generator().manual_seed(2)
-    query, key, value = (torch.randn(2, 3, 9, 4, generator=gen) for _ in range(3))
+    query, key, value = (torch.randn(2, 3, 10, 4, generator=gen) for _ in range(3))
     keep_everything = 2.0**-40  # below the mask's resolution: every element kept, scaled by ~1
-    torch.testing.assert_close(_causal_attention_with_dropout(query, key, value, keep_everything),
+    torch.testing.assert_close(causal_attention_with_dropout(query, key, value, keep_everything),
                                F.scaled_dot_product_attention(query, key, value, is_causal=True))
