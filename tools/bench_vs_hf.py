@@ -32,7 +32,9 @@ tokens/s (median over the timed steps of all rounds), model TFLOP/s
 (else a matmul peak measured on the spot for each precision), each path's ratio to HF eager and
 HF compiled in the same precision (median of the rounds' ratios), and per precision the project's
 best path against each HF path. ``--profile N`` adds, from round 1, the N ops taking the most CPU
-time in one extra step of each path. Prints Markdown tables and writes
+time in one extra step of each path. ``--malloc-no-mmap`` runs every child, both sides alike, with
+glibc's malloc never returning large blocks to the kernel (``GLIBC_TUNABLES``), to show how much of
+a ratio is page faults rather than compute. Prints Markdown tables and writes
 ``bench_out/bench_vs_hf.json``. A benchmark: it never fails on a timing.
 """
 
@@ -70,6 +72,10 @@ SHAPES: dict[str, dict[str, int]] = {
              "batch_size": 4},
 }
 ProfileRow = tuple[str, float, int]  # op name, self CPU seconds, calls
+# --malloc-no-mmap: glibc serves every block from its heaps and never trims them. By default blocks
+# over 32 MiB (GPT-2's logits, a 124M model's attention scores) are mmapped and unmapped each time:
+# their first touch costs a page fault per 4 KiB page (about 0.4 ms per MB on this CPU).
+NO_MMAP_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", default=None,
                         help="default: fp32 bf16 (and fp16 when a GPU is present)")
     parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--malloc-no-mmap", action="store_true",
+                        help="run every child, both sides alike, with glibc malloc never using mmap (no page "
+                             "faults for large fresh tensors, as under jemalloc/tcmalloc)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile one extra step per path in round 1 and print its N costliest ops")
     parser.add_argument("--output", default=os.path.join(REPO, "bench_out", "bench_vs_hf.json"))
@@ -327,11 +336,13 @@ def run_child(opts: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(argv: list[str], path: str, precision: str, profile: int) -> dict[str, Any]:
+def spawn(argv: list[str], path: str, precision: str, profile: int, malloc_no_mmap: bool = False) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--child",
                json.dumps({"path": path, "precision": precision, "profile": profile})]
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("MASTER_PORT", None)  # each child picks a free port
+    if malloc_no_mmap:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), NO_MMAP_TUNABLES]))
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -454,7 +465,7 @@ def sweep(opts: argparse.Namespace, argv: list[str]) -> dict[tuple[str, str], li
         for precision in opts.precisions:
             for path in (path for path in order if applies(path, precision)):
                 print(f"  round {round_index + 1}/{opts.rounds}: {path} {precision} ...", file=sys.stderr, flush=True)
-                result = spawn(argv, path, precision, opts.profile if round_index == 0 else 0)
+                result = spawn(argv, path, precision, opts.profile if round_index == 0 else 0, opts.malloc_no_mmap)
                 runs.setdefault((path, precision), []).append(summarise(opts, result))
     return runs
 
@@ -472,6 +483,8 @@ def main(argv: list[str] | None = None) -> None:
                   key=lambda row: order[(row["path"], row["precision"])])
     add_ratios(rows, runs)
     summary = best_of_ours(rows, runs, opts.precisions)
+    if opts.malloc_no_mmap:
+        print(f"every child ran with GLIBC_TUNABLES={NO_MMAP_TUNABLES} (no mmap, no trimming)\n")
     print(markdown_table(rows) + "\n\n" + summary_table(summary))
     for row in rows:
         if "profile" in row:

@@ -37,7 +37,7 @@ def _result(path: str, precision: str, step_s: float) -> dict:
 
 def test_sweep_reverses_the_order_every_other_round(monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(bench, "spawn", lambda argv, path, precision, profile: (
+    monkeypatch.setattr(bench, "spawn", lambda argv, path, precision, profile, malloc_no_mmap: (
         calls.append((path, precision, profile)) or _result(path, precision, 1.0)))
     opts = bench.parse_args(["--rounds", "2", "--precisions", "fp32", "--paths", "megatron", "hf", "--profile", "5"])
     bench.sweep(opts, [])
