@@ -1,10 +1,11 @@
 """Dropout whose mask costs one 32-bit draw per element on CPU.
 
 ``torch.nn.functional.dropout`` on CPU draws each element's mask with ``bernoulli_`` (about 6.5 ns
-an element on one core) and scales it in two more passes. Here the mask compares 32-bit integers
-from ``random_`` on int64 (two per draw, about 2.3 ns an element) with ``(1 - p) * 2**32``, and one
-``torch.where`` writes the scaled mask: the whole forward is about twice as fast, the backward the
-same single multiply. The drop probability is ``p`` rounded to a multiple of 2**-32.
+an element on one core; torch uses MKL's parallel generator on Intel CPUs only) and scales it in
+two more passes. Here the mask compares 32-bit integers from ``torch.randint`` on int64 (two per
+draw, about 2 ns an element) with ``(1 - p) * 2**32``, and one ``torch.where`` writes the scaled
+mask: the whole forward is about twice as fast, the backward the same single multiply. The drop
+probability is ``p`` rounded to a multiple of 2**-32.
 
 Both draw from the default generator, so a model-parallel RNG tracker's ``fork()`` and activation
 recomputation (which restores the generator states) work the same; the masks differ from
@@ -26,7 +27,9 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
     rounded to a multiple of 2**-32 (at most 1 - 2**-32), from the default generator of ``device``.
     Masks drawn one after another hold the numbers of one mask of their joint size (even sizes)."""
     count = math.prod(shape)
-    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None)
+    # Nearly the full int64 range (2**64 - 1 values): two 32-bit draws per element. Unlike random_,
+    # randint is out of place, which torch.compile traces without a graph break.
+    bits = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=device)
     # int32 values below it: keep_prob of them (at most all but one in 2**32; it must fit in int32)
     threshold = min(round(keep_prob * 2**32), 2**32 - 1) - 2**31
     return torch.lt(bits.view(torch.int32)[:count].view(shape), threshold, out=out)
@@ -45,7 +48,7 @@ def dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tenso
     if input.device.type != "cpu" or p >= 1.0 or not input.is_floating_point():
         return F.dropout(input, p, training)
     keep = keep_mask(input.shape, 1.0 - p, input.device)
-    scale = torch.tensor(keep_scale(p, input.dtype), dtype=input.dtype)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=input.dtype)  # rounded to the dtype: keep_scale(p, dtype)
     # The scaled mask is what autograd keeps (as F.dropout keeps its mask): grad = grad_out * mask.
     return input * torch.where(keep, scale, torch.zeros((), dtype=input.dtype))
 
