@@ -40,7 +40,7 @@ def test_written_snapshots_load_as_the_state(tmp_path: Path) -> None:
     assert not sink.files, "the host copies are released once written"
     loaded = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
     assert torch.equal(loaded["model"]["weight"], torch.arange(6.0).reshape(2, 3))
-    assert torch.equal(torch.load(tmp_path / "b.pt")["weight"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["weight"], torch.arange(6.0).reshape(2, 3))
 
 
 def test_a_background_failure_is_raised_by_wait() -> None:
