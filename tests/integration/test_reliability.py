@@ -32,11 +32,13 @@ def _ds_config(tmp_path: Path) -> list[str]:
     return ["--deepspeed", "--deepspeed_config", str(path)]
 
 
-def _kill_during_training(args: list[str], after_iteration: int, delay: float) -> None:
-    """Start training, SIGKILL it ``delay`` seconds after it logs ``after_iteration``."""
+def _kill_during_training(args: list[str], after_iteration: int, delay: float, in_save: bool = False) -> None:
+    """Start training, SIGKILL it ``delay`` seconds after it logs ``after_iteration`` (with
+    ``in_save``: after it announces that iteration's checkpoint, so the kill lands in its write)."""
     proc = subprocess.Popen(_command(args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)
-    pattern = re.compile(rf"iteration\s+{after_iteration}/")
+    pattern = re.compile(rf"saving checkpoint at iteration\s+{after_iteration} " if in_save
+                         else rf"iteration\s+{after_iteration}/")
     for line in proc.stdout:
         if pattern.search(line):
             break
@@ -60,7 +62,11 @@ def test_sigkill_during_checkpointing_never_loses_the_run(deepspeed: bool, async
         save = tmp_path / f"trial{trial}"
         resumable = train + ["--save", str(save), "--load", str(save), "--save-interval", "1"]
         resumable += ["--async-save"] if async_save else []
-        _kill_during_training(resumable, after_iteration=rng.randint(2, 6), delay=rng.uniform(0.0, 0.4))
+        # Every other kill is aimed at a checkpoint write (a tiny model's save takes tens of
+        # milliseconds, so random kills alone rarely land in one); the rest fall anywhere.
+        in_save = trial % 2 == 0
+        _kill_during_training(resumable, after_iteration=rng.randint(2, 6),
+                              delay=rng.uniform(0.0, 0.02) if in_save else rng.uniform(0.0, 0.4), in_save=in_save)
         killed_mid_save += bool(list(save.glob("*.tmp")))
         resumed = _run(resumable)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
