@@ -64,62 +64,81 @@ class Stats:
                 f"({sum(self.empty.values())} empty texts, {self.bad_lines} bad lines skipped)")
 
 
-def encode_lines(task: tuple[str, list[tuple[int, bytes]], list[str], bool, type],
-                 tokenizer: AbstractTokenizer | None = None) -> list[tuple[int, object]]:
-    """Encode ``(line number, line)`` pairs: ``(bytes, {key: ids})`` or ``(bytes, error message)``."""
-    path, lines, keys, append_eod, dtype = task
+@dataclass
+class EncodedBlock:
+    """One task's result, compact to send back from a worker: per non-blank line its size in
+    bytes; the bad lines' messages by line index; per key, the valid records' token counts (0: an
+    empty text) and all their ids back to back (a few arrays, not one object per document)."""
+
+    sizes: list[int]
+    errors: dict[int, str]
+    lengths: dict[str, np.ndarray]
+    ids: dict[str, np.ndarray]
+
+
+def encode_block(task: tuple[str, int, bytes, list[str], bool, type],
+                 tokenizer: AbstractTokenizer | None = None) -> EncodedBlock:
+    """Split a block of whole lines (the first numbered ``first``), parse and encode them."""
+    path, first, block, keys, append_eod, dtype = task
     tokenizer = tokenizer or _worker_tokenizer
-    records: list[tuple[int, object]] = []
-    for number, line in lines:
+    sizes: list[int] = []
+    errors: dict[int, str] = {}
+    texts: dict[str, list[str]] = {key: [] for key in keys}
+    lines = block.split(b"\n")
+    unterminated = lines.pop()  # b"" when the block ends with a newline, else the file's last line
+    lines = [line + b"\n" for line in lines] + ([unterminated] if unterminated else [])
+    for number, line in enumerate(lines, start=first):
+        if not line.strip():
+            continue
+        index = len(sizes)
+        sizes.append(len(line))
         try:
-            records.append((len(line), {key: parse_json_line(line, path, number, key, "--json-keys") for key in keys}))
+            record = {key: parse_json_line(line, path, number, key, "--json-keys") for key in keys}
         except LooseJSONError as error:
-            records.append((len(line), str(error)))
-    texts = [text for _, record in records if isinstance(record, dict) for text in record.values()]
-    # numpy arrays (no Python int per token) pickle compactly on the way back from a worker
-    encoded_texts = iter(tokenizer.tokenize_batch_numpy([text if text.strip() else "" for text in texts], dtype))
+            errors[index] = str(error)
+            continue
+        for key, text in record.items():
+            texts[key].append(text if text.strip() else "")
     eod = np.array([tokenizer.eod], dtype)
-    results: list[tuple[int, object]] = []
-    for size, record in records:
-        if isinstance(record, dict):
-            encoded = {}
-            for key in record:
-                ids = next(encoded_texts)
-                encoded[key] = np.concatenate([ids, eod]) if ids.size and append_eod else ids
-            record = encoded
-        results.append((size, record))
-    return results
+    lengths, ids = {}, {}
+    for key in keys:
+        # numpy arrays (no Python int per token) pickle compactly on the way back from a worker
+        encoded = tokenizer.tokenize_batch_numpy(texts[key], dtype)
+        if append_eod:
+            encoded = [np.concatenate([array, eod]) if array.size else array for array in encoded]
+        lengths[key] = np.array([array.size for array in encoded], dtype=np.int64)
+        ids[key] = np.concatenate(encoded) if encoded else np.zeros(0, dtype)
+    return EncodedBlock(sizes, errors, lengths, ids)
 
 
 def _tasks(path: str, keys: list[str], append_eod: bool, dtype: type) -> Iterator[tuple]:
-    """Tasks of about ``BYTES_PER_TASK`` of non-blank lines, numbered from 1."""
-    chunk: list[tuple[int, bytes]] = []
-    size = 0
+    """Blocks of about ``BYTES_PER_TASK`` of whole lines, with the number of their first line
+    (from 1). The parent only reads and counts newlines; workers split and parse."""
+    number = 1
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                chunk.append((number, line))
-                size += len(line)
-            if size >= BYTES_PER_TASK:
-                yield path, chunk, keys, append_eod, dtype
-                chunk, size = [], 0
-    if chunk:
-        yield path, chunk, keys, append_eod, dtype
+        while True:
+            block = handle.read(BYTES_PER_TASK)
+            if not block:
+                return
+            if not block.endswith(b"\n"):
+                block += handle.readline()  # finish the last line
+            yield path, number, block, keys, append_eod, dtype
+            number += block.count(b"\n")
 
 
 def _results(path: str, keys: list[str], append_eod: bool, workers: int, dtype: type,
-             tokenizer: AbstractTokenizer) -> Iterator[list[tuple[int, object]]]:
+             tokenizer: AbstractTokenizer) -> Iterator[EncodedBlock]:
     """Encoded tasks in file order: in this process for one worker, else a process pool whose
     forked workers inherit ``tokenizer`` (not used here before the fork) instead of building one."""
     global _worker_tokenizer
     tasks = _tasks(path, keys, append_eod, dtype)
     if workers == 1:
-        yield from (encode_lines(task, tokenizer) for task in tasks)
+        yield from (encode_block(task, tokenizer) for task in tasks)
         return
     _worker_tokenizer = tokenizer
     try:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(encode_lines, tasks, chunksize=1)
+            yield from pool.imap(encode_block, tasks, chunksize=1)
     finally:
         _worker_tokenizer = None
 
@@ -177,9 +196,9 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
     try:
         with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress,
                   desc="tokenising", file=sys.stderr) as bar:
-            for results in _results(path, keys, append_eod, workers, dtype, tokenizer):
-                _write(results, builders, stats, skip_bad_lines)
-                bar.update(sum(size for size, _ in results))
+            for result in _results(path, keys, append_eod, workers, dtype, tokenizer):
+                _write(result, builders, stats, skip_bad_lines)
+                bar.update(sum(result.sizes))
                 stats.timeline.append((time.perf_counter() - start, stats.bytes))
         _require_documents(path, builders, stats)
         for key, builder in builders.items():
@@ -196,21 +215,17 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
     return stats
 
 
-def _write(results: list[tuple[int, object]], builders: dict[str, IndexedDatasetBuilder],
-           stats: Stats, skip_bad_lines: bool) -> None:
-    for size, result in results:
-        stats.bytes += size
-        if isinstance(result, str):
-            if not skip_bad_lines:
-                raise LooseJSONError(result)
-            stats.bad_lines += 1
-            continue
-        stats.documents += 1
-        for key, ids in result.items():
-            if ids.size:
-                builders[key].add_document(ids)
-            else:
-                stats.empty[key] += 1
+def _write(result: EncodedBlock, builders: dict[str, IndexedDatasetBuilder], stats: Stats,
+           skip_bad_lines: bool) -> None:
+    if result.errors and not skip_bad_lines:
+        raise LooseJSONError(result.errors[min(result.errors)])  # nothing of this run will be kept
+    stats.bytes += sum(result.sizes)
+    stats.bad_lines += len(result.errors)
+    stats.documents += len(result.sizes) - len(result.errors)
+    for key, builder in builders.items():
+        lengths = result.lengths[key]
+        stats.empty[key] += int((lengths == 0).sum())
+        builder.add_documents(result.ids[key], lengths[lengths > 0])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

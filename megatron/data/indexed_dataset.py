@@ -70,6 +70,15 @@ class IndexedDatasetBuilder:
         self._sizes.append(array.size)
         self._doc_idx.append(len(self._sizes))
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents whose ids lie back to back in ``tokens``."""
+        if int(lengths.sum()) != tokens.size:
+            raise ValueError(f"the lengths add up to {int(lengths.sum())} tokens, not {tokens.size}")
+        self._bin.write(np.asarray(tokens, dtype=self.dtype).tobytes(order="C"))
+        first = len(self._sizes)
+        self._sizes.extend(lengths.tolist())
+        self._doc_idx.extend(range(first + 1, len(self._sizes) + 1))
+
     @property
     def num_documents(self) -> int:
         return len(self._sizes)
