@@ -10,6 +10,7 @@ into frozen, typed sections, before any process group or model exists. Every pro
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import importlib.util
 import json
@@ -345,21 +346,46 @@ def validate_pipeline_args(args: argparse.Namespace) -> None:
                           "activations of one micro-batch shape; drop --eval-batch-size")
     stage = zero_stage(read_deepspeed_json(args.deepspeed_config))
     if stage >= 2:
-        raise ConfigError(f"ZeRO stage {stage} ({args.deepspeed_config}) cannot be combined with pipeline "
+        raise ConfigError(f"ZeRO stage {stage} ({deepspeed_config_name(args.deepspeed_config)}) cannot be combined with pipeline "
                           f"parallelism (--pipe-parallel-size {args.pipe_parallel_size}); use ZeRO stage 0 or 1")
 
 
-def read_deepspeed_json(path: str) -> dict[str, Any]:
-    """The DeepSpeed JSON config at ``path`` (a JSON object), or a ConfigError saying what is wrong."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"DeepSpeed config {path!r} does not exist")
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def deepspeed_config_name(value: str) -> str:
+    """How errors name ``--deepspeed_config``: its path, or (a config passed inline) that."""
+    return value if os.path.isfile(value) or len(value) < 80 else "the inline (base64) DeepSpeed config"
+
+
+def _inline_deepspeed_json(value: str) -> dict[str, Any] | None:
+    """A config passed as URL-safe base64 JSON (as DeepSpeed accepts, and as its autotuner passes
+    each experiment's config), or None if ``value`` is not one."""
     try:
-        with open(path) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+        config = json.loads(base64.urlsafe_b64decode(value.encode("ascii") + b"=" * (-len(value) % 4)))
+    except (ValueError, UnicodeError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def read_deepspeed_json(path: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config at ``path`` (a JSON object; or the object itself in URL-safe
+    base64), or a ConfigError saying what is wrong. Batch keys set to "auto" (the autotuner's and
+    Hugging Face's convention) are dropped: the flags set them."""
+    if not os.path.isfile(path):
+        config = _inline_deepspeed_json(path)
+        if config is None:
+            raise ConfigError(f"DeepSpeed config {path!r} does not exist")
+        path = deepspeed_config_name(path)
+    else:
+        try:
+            with open(path) as handle:
+                config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    config = {key: value for key, value in config.items() if not (key in _BATCH_KEYS and value == "auto")}
     if "scheduler" in config:
         raise ConfigError(f"{path} defines a 'scheduler': remove it, the learning-rate "
                           "schedule comes from --lr, --lr-decay-style, --warmup and --min-lr")
@@ -369,10 +395,10 @@ def read_deepspeed_json(path: str) -> dict[str, Any]:
 
 def check_deepspeed_types(config: dict[str, Any], path: str) -> None:
     """The keys this project reads from a DeepSpeed config have the types DeepSpeed documents."""
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in _BATCH_KEYS:
         value = config.get(key)
         if value is not None and (type(value) is not int or value <= 0):
-            raise ConfigError(f"{path}: {key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{path}: {key} must be a positive integer (or \"auto\": from the flags), got {value!r}")
     for key, example in (("zero_optimization", '{"stage": 1}'), ("fp16", '{"enabled": true}'),
                          ("bf16", '{"enabled": true}'), ("bfloat16", '{"enabled": true}')):
         if key in config and not isinstance(config[key], dict):
@@ -437,7 +463,7 @@ def validate_deepspeed_args(args: argparse.Namespace) -> None:
     config = read_deepspeed_json(args.deepspeed_config)
     checkpoint = config.get("checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("writer") is not None:
-        raise ConfigError(f"{args.deepspeed_config}: checkpoint.writer (DeepSpeed's fast or decoupled checkpoint "
+        raise ConfigError(f"{deepspeed_config_name(args.deepspeed_config)}: checkpoint.writer (DeepSpeed's fast or decoupled checkpoint "
                           "writer) is not supported here: DeepSpeed asks this project's model-parallel unit for "
                           "pipeline sizes it does not provide; drop it (--async-save writes checkpoints in the "
                           "background)")
@@ -501,7 +527,7 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
     config.setdefault("gradient_clipping", args.clip_grad)
     config.setdefault("steps_per_print", 10**9)  # the training loop logs
     config.setdefault("wall_clock_breakdown", False)
-    check_deepspeed_config(config, args.deepspeed_config)
+    check_deepspeed_config(config, deepspeed_config_name(args.deepspeed_config))
     section = DeepSpeedConfig(
         enabled=True, config_path=args.deepspeed_config, config_json=json.dumps(config, sort_keys=True),
         activation_checkpointing=args.deepspeed_activation_checkpointing,

@@ -65,6 +65,37 @@ def test_deepspeed_batch_sizes_are_resolved_at_start_up(tmp_path: Path) -> None:
         _run("--gradient-accumulation-steps", "3", *_ds_config(tmp_path, {"train_batch_size": 16}), world=2)
 
 
+def test_auto_batch_keys_come_from_the_flags(tmp_path: Path) -> None:
+    """"auto" (DeepSpeed's autotuner and Hugging Face write it) means: the flags decide."""
+    auto = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto"}
+    run = _run("--gradient-accumulation-steps", "3", *_ds_config(tmp_path, auto), world=2)
+    config = run.deepspeed.engine_config()
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (12, 2, 3)
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu must be a positive integer \(or \"auto\""):
+        _run(*_ds_config(tmp_path, {"train_micro_batch_size_per_gpu": "automatic"}))
+
+
+def test_an_inline_base64_config_is_read_as_deepspeed_reads_it(tmp_path: Path) -> None:
+    """DeepSpeed's autotuner passes each experiment's config as URL-safe base64 JSON."""
+    import base64
+
+    inline = base64.urlsafe_b64encode(json.dumps({"zero_optimization": {"stage": 2},
+                                                  "train_micro_batch_size_per_gpu": 2}).encode()).decode()
+    run = _run("--deepspeed", "--deepspeed_config", inline)
+    assert run.deepspeed.zero_stage == 2
+    for not_a_config in ("bm90IGpzb24", base64.urlsafe_b64encode(b"[1, 2]").decode()):  # "not json", a list
+        with pytest.raises(ConfigError, match="does not exist"):
+            _run("--deepspeed", "--deepspeed_config", not_a_config)
+    long_bad = base64.urlsafe_b64encode(json.dumps({"zero_optimization": {"stage": 7},
+                                                    "comment": "x" * 80}).encode()).decode()
+    with pytest.raises(ConfigError, match=r"^the inline \(base64\) DeepSpeed config: zero_optimization.stage must be"):
+        _run("--deepspeed", "--deepspeed_config", long_bad)
+    with pytest.raises(ConfigError, match="DeepSpeed config 'missing.json' does not exist"):
+        _run("--deepspeed", "--deepspeed_config", "missing.json")
+
+
 def test_engine_config_is_a_fresh_copy(tmp_path: Path) -> None:
     run = _run(*_ds_config(tmp_path, {"zero_optimization": {"stage": 2}}))
     run.deepspeed.engine_config()["zero_optimization"]["stage"] = 3
@@ -129,8 +160,8 @@ def test_fp16_loss_scale_bounds_are_checked_with_the_flags() -> None:
 
 
 @pytest.mark.parametrize("config,message", [
-    ({"train_batch_size": "8"}, "train_batch_size must be a positive integer, got '8'"),
-    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be a positive integer, got 0"),
+    ({"train_batch_size": "8"}, r"train_batch_size must be a positive integer \(or \"auto\": from the flags\), got '8'"),
+    ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps must be a positive integer \(or \"auto\": from the flags\), got 0"),
     ({"fp16": True}, "fp16 must be a JSON object"),
     ({"zero_optimization": [1]}, "zero_optimization must be a JSON object"),
     ({"zero_optimization": {"stage": "two"}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'two'"),
