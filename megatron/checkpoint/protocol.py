@@ -295,7 +295,7 @@ def save_checkpoint(run: RunConfig, backend: Backend, iteration: int, consumed_s
         failure = _write_staging(run, backend, staging_tag, state)
         _complete(run, staging_dir, iteration, failure, topology, backend.writes_deepspeed_latest)
         return final_dir
-    snapshots = Snapshots()
+    snapshots = Snapshots(saver.pool)
     failure = _write_staging(run, backend, staging_tag, state, snapshots)
 
     def complete_in_background() -> None:

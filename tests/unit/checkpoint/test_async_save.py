@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.checkpoint.async_save import BackgroundSaver, Snapshots, snapshot
+from megatron.checkpoint.async_save import BackgroundSaver, BufferPool, Snapshots, snapshot
 
 
 def _state() -> dict:
@@ -20,7 +20,7 @@ def _state() -> dict:
 
 def test_a_snapshot_does_not_change_when_training_does() -> None:
     state = _state()
-    copy = snapshot(state)
+    copy, _ = snapshot(state)
     state["model"]["weight"].add_(100.0)
     state["groups"][0]["lr"] = 0.5
     state["args"].lr = 0.5
@@ -41,6 +41,25 @@ def test_written_snapshots_load_as_the_state(tmp_path: Path) -> None:
     loaded = torch.load(tmp_path / "a" / "model.pt", weights_only=False)
     assert torch.equal(loaded["model"]["weight"], torch.arange(6.0).reshape(2, 3))
     assert torch.equal(torch.load(tmp_path / "b.pt", weights_only=True)["weight"], torch.arange(6.0).reshape(2, 3))
+
+
+def test_the_next_snapshot_reuses_the_written_ones_buffers(tmp_path: Path) -> None:
+    pool = BufferPool()
+    state = _state()
+    first = Snapshots(pool)
+    first.save(state, str(tmp_path / "1.pt"))
+    buffers = {id(buffer) for _, _, _, kept in first.files for buffer in kept}
+    first.write_all()
+    state["model"]["weight"].mul_(2.0)
+    second = Snapshots(pool)
+    second.save(state, str(tmp_path / "2.pt"))
+    assert {id(buffer) for _, _, _, kept in second.files for buffer in kept} == buffers
+    state["model"]["weight"].zero_()
+    second.write_all()
+    loaded = torch.load(tmp_path / "2.pt", weights_only=False)
+    assert torch.equal(loaded["model"]["weight"], 2.0 * torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(torch.load(tmp_path / "1.pt", weights_only=False)["model"]["weight"],
+                       torch.arange(6.0).reshape(2, 3))
 
 
 def test_a_background_failure_is_raised_by_wait() -> None:
