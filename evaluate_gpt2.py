@@ -11,7 +11,9 @@ its targets, later ones only their last ``--overlapping-eval`` (each target once
 context the window allows). ``adjusted ppl`` rescales the loss by the token ratio
 (tokens - 1) / (whitespace words - 1) so models with different tokenizers compare.
 LAMBADA: a JSON line's last word is the target; an example is correct iff the greedy prediction
-of every token of that word is right. Any model-parallel size; rank 0 prints the result line.
+of every token of that word is right; ``target ppl`` is exp of the mean over examples of the target
+word's summed negative log-likelihood (lm-evaluation-harness's ``acc`` and ``perplexity`` of its
+LAMBADA task, on the same text). Any model-parallel size; rank 0 prints the result line.
 """
 
 from __future__ import annotations
@@ -172,24 +174,33 @@ def read_cloze_examples(path: str, tokenizer: AbstractTokenizer) -> list[tuple[l
 
 
 @torch.no_grad()
-def cloze_correct(loaded: InferenceModel, context: list[int], target: list[int]) -> bool:
+def cloze_score(loaded: InferenceModel, context: list[int], target: list[int]) -> tuple[bool, float]:
+    """(is every target token the greedy prediction, the target's negative log-likelihood in nats)."""
     tokens = (context + target)[-(loaded.seq_length + 1):]
     inputs = torch.tensor([tokens[:-1]], device=loaded.device)
     logits = mpu.gather_from_model_parallel_region(loaded.model(inputs))
-    predicted = logits[0, -len(target):, :loaded.config.vocab_size].argmax(dim=-1)
-    return bool((predicted.cpu() == torch.tensor(target)).all())
+    logits = logits[0, -len(target):, :loaded.config.vocab_size].float().cpu()
+    expected = torch.tensor(target)
+    nll = -float(torch.log_softmax(logits, dim=-1).gather(1, expected[:, None]).sum())
+    return bool((logits.argmax(dim=-1) == expected).all()), nll
 
 
 def evaluate_cloze(loaded: InferenceModel, args: argparse.Namespace) -> dict:
+    """Accuracy, and the target perplexity exp(mean over examples of the last word's summed NLL):
+    lm-evaluation-harness's ``acc`` and ``perplexity`` of its LAMBADA task, computed alike."""
     examples = read_cloze_examples(args.valid_data[0], loaded.tokenizer)
-    correct = sum(cloze_correct(loaded, context, target) for context, target in examples)
-    return {"number correct": correct, "total examples": len(examples), "avg accuracy": correct / len(examples)}
+    scores = [cloze_score(loaded, context, target) for context, target in examples]
+    correct = sum(right for right, _ in scores)
+    mean_nll = sum(nll for _, nll in scores) / len(scores)
+    return {"number correct": correct, "total examples": len(examples), "avg accuracy": correct / len(examples),
+            "target ppl": math.exp(min(mean_nll, 700.0))}
 
 
 def result_line(name: str, results: dict) -> str:
     if "avg accuracy" in results:
         return (f" validation results on {name} | number correct: {results['number correct']} | "
-                f"total examples: {results['total examples']} | avg accuracy: {results['avg accuracy']:.4E} |")
+                f"total examples: {results['total examples']} | avg accuracy: {results['avg accuracy']:.4E} | "
+                f"target ppl: {results['target ppl']:.4E} |")
     return (f" validation results on {name} | avg loss: {results['avg loss']:.4E} | ppl: {results['ppl']:.4E} | "
             f"adjusted ppl: {results['adjusted ppl']:.4E} | token ratio: {results['token ratio']} |")
 
