@@ -117,7 +117,7 @@ CASES = {
                             + _ds(w["root"], {"zero_optimization": {"stage": 1}}),
                             "--eval-batch-size (3) must equal --batch-size (2)", 1),
     "mistyped deepspeed batch": (lambda w: _ds(w["root"], {"train_batch_size": "8"}),
-                                 "train_batch_size must be a positive integer, got '8'", 1),
+                                 "train_batch_size must be a positive integer (or \"auto\": from the flags), got '8'", 1),
     # Survival (issue 16): a run's directories, checkpoints and configuration.
     "load points at one checkpoint": (lambda w: ["--load", str(w["ckpt"] / "iter_0000002")],
                                       "is one checkpoint, not a run directory: pass --load", 1),
