@@ -370,10 +370,13 @@ def _inline_deepspeed_json(value: str) -> dict[str, Any] | None:
 
 def read_deepspeed_json(path: str) -> dict[str, Any]:
     """The DeepSpeed JSON config at ``path`` (a JSON object; or the object itself in URL-safe
-    base64), or a ConfigError saying what is wrong. Batch keys set to "auto" (the autotuner's and
-    Hugging Face's convention) are dropped: the flags set them."""
+    base64), or a ConfigError saying what is wrong. Batch keys set to "auto" (as DeepSpeed's
+    autotuner writes them) are dropped: the flags set them."""
     if not os.path.isfile(path):
         config = _inline_deepspeed_json(path)
+        if config is None and len(path) >= 80:
+            raise ConfigError(f"--deepspeed_config {path[:40]}... ({len(path)} characters) is neither an existing file "
+                              "nor a base64-encoded JSON object; pass the path of a DeepSpeed JSON config")
         if config is None:
             raise ConfigError(f"DeepSpeed config {path!r} does not exist")
         path = deepspeed_config_name(path)
@@ -403,6 +406,11 @@ def check_deepspeed_types(config: dict[str, Any], path: str) -> None:
                          ("bf16", '{"enabled": true}'), ("bfloat16", '{"enabled": true}')):
         if key in config and not isinstance(config[key], dict):
             raise ConfigError(f"{path}: {key} must be a JSON object such as {example}, got {config[key]!r}")
+    for key in ("fp16", "bf16", "bfloat16"):
+        enabled = config.get(key, {}).get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{path}: {key}.enabled must be true or false, got {enabled!r} (the precision comes "
+                              "from --fp16/--bf16 or this section; \"auto\" is not read here)")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if str(stage) not in ("0", "1", "2", "3") or isinstance(stage, bool):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -529,7 +537,8 @@ def deepspeed_config(args: argparse.Namespace, parallel: ParallelConfig,
     config.setdefault("wall_clock_breakdown", False)
     check_deepspeed_config(config, deepspeed_config_name(args.deepspeed_config))
     section = DeepSpeedConfig(
-        enabled=True, config_path=args.deepspeed_config, config_json=json.dumps(config, sort_keys=True),
+        enabled=True, config_path=deepspeed_config_name(args.deepspeed_config),
+        config_json=json.dumps(config, sort_keys=True),
         activation_checkpointing=args.deepspeed_activation_checkpointing,
         partition_activations=args.partition_activations, contiguous_checkpointing=args.contigious_checkpointing,
         checkpoint_in_cpu=args.checkpoint_in_cpu, synchronize_each_layer=args.synchronize_each_layer,

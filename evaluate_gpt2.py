@@ -13,7 +13,8 @@ context the window allows). ``adjusted ppl`` rescales the loss by the token rati
 LAMBADA: a JSON line's last word is the target; an example is correct iff the greedy prediction
 of every token of that word is right; ``target ppl`` is exp of the mean over examples of the target
 word's summed negative log-likelihood (lm-evaluation-harness's ``acc`` and ``perplexity`` of its
-LAMBADA task, on the same text). Any model-parallel size; rank 0 prints the result line.
+LAMBADA task, on the same text when its lines are as LAMBADA's: single spaces, no leading or
+trailing whitespace, two words or more). Any model-parallel size; rank 0 prints the result line.
 """
 
 from __future__ import annotations

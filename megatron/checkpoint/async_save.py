@@ -82,9 +82,12 @@ def snapshot(state: Any, pool: BufferPool | None = None) -> tuple[Any, list[torc
     memo: dict[int, Any] = {}
     for key, tensor in found.items():
         source = tensor.detach()
+        if source.layout != torch.strided:  # sparse and other layouts: a plain copy, never pooled
+            memo[key] = source.to("cpu", copy=True)
+            continue
         memo[key] = (pool.take(source) if pool is not None else torch.empty(source.shape, dtype=source.dtype,
                                                                              device="cpu")).copy_(source)
-    buffers = list(memo.values())  # before deepcopy adds its own entries to the memo
+    buffers = [buffer for buffer in memo.values() if buffer.layout == torch.strided]  # before deepcopy adds to memo
     return copy.deepcopy(state, memo), buffers
 
 

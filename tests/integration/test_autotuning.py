@@ -43,8 +43,9 @@ def test_deepspeed_autotuning_tunes_the_micro_batch(demo_corpus: Path, tmp_path:
     assert len(experiments) >= 2, experiments  # the model-info profile and at least one micro batch
     for experiment in experiments:
         stderr = (experiment / "stderr.log").read_text() if (experiment / "stderr.log").exists() else ""
-        assert "Traceback" not in stderr, (experiment, stderr[-3000:])
-    assert any((path / "metrics.json").is_file() for path in experiments)  # each stopped after its profile steps
+        assert "Traceback" not in stderr and "error:" not in stderr, (experiment, stderr[-3000:])
+        if experiment.name != "profile_model_info":  # each micro batch ran and stopped after its profile steps
+            assert (experiment / "metrics.json").is_file(), experiment
     # The result trains: the optimal config with its micro batch as --batch-size.
     micro = str(optimal["train_micro_batch_size_per_gpu"])
     trained = subprocess.run([launcher, "--num_gpus", "1",

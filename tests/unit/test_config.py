@@ -94,6 +94,16 @@ def test_an_inline_base64_config_is_read_as_deepspeed_reads_it(tmp_path: Path) -
         _run("--deepspeed", "--deepspeed_config", long_bad)
     with pytest.raises(ConfigError, match="DeepSpeed config 'missing.json' does not exist"):
         _run("--deepspeed", "--deepspeed_config", "missing.json")
+    truncated = inline[:-7] * 3  # a damaged blob: named briefly, not printed whole
+    with pytest.raises(ConfigError, match=r"\.\.\. \(\d+ characters\) is neither an existing file nor a base64"):
+        _run("--deepspeed", "--deepspeed_config", truncated)
+
+
+@pytest.mark.parametrize("section", ["fp16", "bf16"])
+def test_auto_is_not_read_as_a_precision(section: str, tmp_path: Path) -> None:
+    """Hostile finding: {"bf16": {"enabled": "auto"}} was truthy, so it turned bf16 on."""
+    with pytest.raises(ConfigError, match=rf"{section}.enabled must be true or false, got 'auto'"):
+        _run(*_ds_config(tmp_path, {section: {"enabled": "auto"}}))
 
 
 def test_engine_config_is_a_fresh_copy(tmp_path: Path) -> None:

@@ -62,6 +62,17 @@ def test_the_next_snapshot_reuses_the_written_ones_buffers(tmp_path: Path) -> No
                        torch.arange(6.0).reshape(2, 3))
 
 
+def test_a_sparse_tensor_is_copied_not_pooled(tmp_path: Path) -> None:
+    """Hostile finding: a pooled dense buffer cannot take a sparse tensor's copy_."""
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([1.0, 3.0]), (4,), check_invariants=True)
+    sink = Snapshots(BufferPool())
+    sink.save({"sparse": sparse, "dense": torch.ones(2)}, str(tmp_path / "s.pt"))
+    sparse.mul_(0.0)
+    sink.write_all()
+    loaded = torch.load(tmp_path / "s.pt", weights_only=False)
+    assert torch.equal(loaded["sparse"].to_dense(), torch.tensor([1.0, 0.0, 3.0, 0.0]))
+
+
 def test_a_background_failure_is_raised_by_wait() -> None:
     saver = BackgroundSaver()  # no process group: none is created
     done = []
