@@ -346,8 +346,9 @@ def validate_pipeline_args(args: argparse.Namespace) -> None:
                           "activations of one micro-batch shape; drop --eval-batch-size")
     stage = zero_stage(read_deepspeed_json(args.deepspeed_config))
     if stage >= 2:
-        raise ConfigError(f"ZeRO stage {stage} ({deepspeed_config_name(args.deepspeed_config)}) cannot be combined with pipeline "
-                          f"parallelism (--pipe-parallel-size {args.pipe_parallel_size}); use ZeRO stage 0 or 1")
+        raise ConfigError(f"ZeRO stage {stage} ({deepspeed_config_name(args.deepspeed_config)}) cannot be combined "
+                          f"with pipeline parallelism (--pipe-parallel-size {args.pipe_parallel_size}); "
+                          "use ZeRO stage 0 or 1")
 
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -471,8 +472,8 @@ def validate_deepspeed_args(args: argparse.Namespace) -> None:
     config = read_deepspeed_json(args.deepspeed_config)
     checkpoint = config.get("checkpoint")
     if isinstance(checkpoint, dict) and checkpoint.get("writer") is not None:
-        raise ConfigError(f"{deepspeed_config_name(args.deepspeed_config)}: checkpoint.writer (DeepSpeed's fast or decoupled checkpoint "
-                          "writer) is not supported here: DeepSpeed asks this project's model-parallel unit for "
+        raise ConfigError(f"{deepspeed_config_name(args.deepspeed_config)}: checkpoint.writer (DeepSpeed's fast or "
+                          "decoupled checkpoint writer) is not supported here: DeepSpeed asks this project's model-parallel unit for "
                           "pipeline sizes it does not provide; drop it (--async-save writes checkpoints in the "
                           "background)")
 

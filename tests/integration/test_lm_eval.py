@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from checkpoint_helpers import convert
+from checkpoint_helpers import convert, tree_digest
 from launchers import DIVISIBLE, ENV, REPO, TINY_GPT2, TOKENIZER, run_training
 
 from .test_evaluate import _cloze_examples, _write_jsonl
@@ -63,6 +63,7 @@ def _lm_eval(export: Path, tasks: Path, output: Path) -> dict:
 def test_lm_eval_on_the_export_equals_evaluate_gpt2(path: str, model_pair: tuple[Path, Path],
                                                      deepspeed_checkpoint: Path, tmp_path: Path) -> None:
     ckpt = model_pair[0] if path == "megatron" else deepspeed_checkpoint
+    before = tree_digest(ckpt)
     export = tmp_path / "export"
     convert("to-hf", "--load", str(ckpt), "--output", str(export), *TOKENIZER)
     examples, correct = _cloze_examples(export)
@@ -75,4 +76,5 @@ def test_lm_eval_on_the_export_equals_evaluate_gpt2(path: str, model_pair: tuple
     assert ours["number correct"] == correct
     assert theirs["acc,none"] == pytest.approx(ours["avg accuracy"], abs=1e-12), (theirs, ours)
     assert theirs["perplexity,none"] == pytest.approx(ours["target ppl"], rel=1e-4), (theirs, ours)
-    assert os.listdir(export)  # the export is left for the user; nothing else was written into the checkpoint
+    assert os.listdir(export)  # the export is left for the user
+    assert tree_digest(ckpt) == before, "exporting and evaluating changed the checkpoint they read"
