@@ -256,12 +256,23 @@ def _finish_as_rank_0(save: str, staging_dir: str, final_dir: str, iteration: in
     return None
 
 
+def _first_failure(failure: str | None, group: ProcessGroup | None = None) -> str | None:
+    """The failure of the lowest rank that had one, on every rank: whichever rank's line the user
+    sees first (the launcher stops the others once one exits), it names the cause."""
+    if not dist.is_initialized():
+        return failure
+    failures: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(failures, failure, group=group)
+    return next((f"{reason} (on rank {rank})" if rank != dist.get_rank(group) else reason
+                 for rank, reason in enumerate(failures) if reason), None)
+
+
 def _abort_save(save: str, staging_dir: str, iteration: int, failure: str | None,
                 group: ProcessGroup | None = None) -> None:
     """Remove the partial checkpoint and stop the run; the previous checkpoints are untouched."""
     if _rank() == 0:
         shutil.rmtree(staging_dir, ignore_errors=True)
-    _barrier(group)
+    failure = _first_failure(failure, group)  # also the barrier: the staging directory is gone
     newest = complete_iterations(save)
     previous = (f"the newest complete checkpoint, {checkpoint_tag(newest[-1])}, is intact" if newest
                 else "no earlier checkpoint exists")

@@ -135,10 +135,14 @@ def test_a_save_directory_that_refuses_writes_is_one_line(async_save: bool, demo
         proc.kill()
     assert proc.returncode == 1, stderr[-3000:]
     assert f'File "{REPO}' not in stderr, stderr[-3000:]
+    # The launcher stops the other rank once one exits, so one or both lines arrive (CI saw only
+    # rank 1's); each must name the cause, which only rank 0 met (it makes the staging directory).
     errors = [line for line in stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 2 and all(re.search(r"checkpoint iter_\d+ could not be written to", e) for e in errors), \
-        errors
-    assert any("Permission denied" in e or "Operation not permitted" in e for e in errors), errors
+    assert 1 <= len(errors) <= 2, errors
+    for error in errors:
+        assert re.search(r"checkpoint iter_\d+ could not be written to", error), errors
+        assert "Permission denied" in error or "Operation not permitted" in error, errors
+    assert not [p.name for p in save.iterdir() if p.name.endswith(".tmp")]
 
 
 SLOW_BACKGROUND_FSYNC = '''
