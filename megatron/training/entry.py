@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 
@@ -45,6 +46,13 @@ def filter_known_warnings() -> None:
                             category=FutureWarning)
 
 
+def _let_rank_0_report_first(rank: str, seconds: float = 2.0) -> None:
+    """The launcher stops every worker once one exits: a rank other than 0 that met the same error
+    waits a moment, so that rank 0's line (the one without a rank) is printed too, not cut off."""
+    if rank != "0":
+        time.sleep(seconds)
+
+
 def run_entry_point(run: Callable[[], None]) -> int:
     """Run an entry point's body; user errors and aborts become one line on stderr.
 
@@ -59,9 +67,11 @@ def run_entry_point(run: Callable[[], None]) -> int:
         return 0
     except ConfigError as error:
         print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        _let_rank_0_report_first(rank)
         return 2
     except TrainingAborted as error:
         print(f"{prefix}: {error}", file=sys.stderr, flush=True)
+        _let_rank_0_report_first(rank)
         return 1
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted (SIGINT): stopped without writing anything more; what was already saved is "

@@ -227,7 +227,8 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
     timers = Timers(synchronize=logging.log_timers)
     exits = ExitConditions(training)
     timed_saves = TimedSaves(checkpoint.save_interval_minutes)
-    interval_start = time.perf_counter()
+    # An interval's time is its steps': checkpoints and evaluations inside it are left out.
+    interval_start, paused = time.perf_counter(), 0.0
     while state.iteration < training.train_iters:
         if nan_injection is not None:
             nan_injection.iteration = state.iteration + 1
@@ -240,12 +241,13 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         _record_step(state, result, run)
         if state.iteration % logging.log_interval == 0:
             _check_skips(state, run)
-            _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start, peak)
-            interval_start = time.perf_counter()
+            _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start - paused, peak)
+            interval_start, paused = time.perf_counter(), 0.0
         stop = exits.should_exit(state.iteration)
         timed = checkpoint.save is not None and timed_saves.due()
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
             _check_skips(state, run)
+            pause_start = time.perf_counter()
             with watchdog.writing(checkpoint.save):
                 save_checkpoint(run, backend, state.iteration, state.consumed_samples, saver)
                 if stop:
@@ -253,19 +255,22 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
             log.plot()
             state.saved_iteration = state.iteration
             timed_saves.saved()
-            interval_start = time.perf_counter()
+            paused += time.perf_counter() - pause_start
         if stop:
             print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
                          + (", checkpoint saved" if checkpoint.save else ""))
             state.stopped_early = True
             break
         if data.do_valid and state.iteration % training.eval_interval == 0:
+            pause_start = time.perf_counter()
             evaluate_and_print_results(f"iteration {state.iteration}", backend, data.valid, run, log,
                                        state.iteration, watchdog.beat)
             watchdog.beat()
-            interval_start = time.perf_counter()
+            paused += time.perf_counter() - pause_start
     if not state.stopped_early:
         _check_skips(state, run)  # before the final checkpoint
+    if state.interval_iterations:  # the last steps since a log line: their line (and the summary's train loss)
+        _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start - paused, peak)
     return state
 
 

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from launchers import ENV, REPO, assert_one_line_error, free_port, losses
 
 SHORT = ["--eval-iters", "0", "--log-interval", "1", "--save-interval", "1000"]
@@ -33,6 +34,12 @@ def test_a_deepspeed_hostfile_launch_without_ssh(demo_corpus: Path, tmp_path: Pa
                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(losses(result.stdout)) == {1, 2, 3} and "backend deepspeed" in result.stdout
+    # The demo's defaults: bf16 where this CPU computes it natively, and two drawn samples at the end.
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert ("--bf16" in result.stdout + result.stderr) == native_bf16, result.stdout[-3000:]
+    samples = result.stdout[result.stdout.index("samples from"):]
+    assert "(--top_k 40 --temperature 0.8 --seed 1234):" in samples.splitlines()[0], samples
+    assert "\n  1. Return the number of" in samples and "\n  2. This module provides" in samples, samples
 
 
 def test_a_missing_hostfile_is_one_line(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launchers import ENV, REPO, TINY_GPT2, run_script
+from launchers import ENV, REPO, TINY_GPT2, losses, run_script
 
 TRAIN = TINY_GPT2 + ["--batch-size", "2", "--train-iters", "6", "--lr-decay-iters", "6", "--log-interval", "2"]
 
@@ -120,3 +120,15 @@ def test_wandb_flags_without_a_project_are_one_line(demo_corpus: Path, tmp_path:
     out = run_script("pretrain_gpt2.py", TRAIN + ["--wandb-run-name", "x"], check=False)
     assert out.returncode == 2 and "--wandb-dir and --wandb-run-name need --wandb-project" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_steps_after_the_last_log_line_are_logged(demo_corpus: Path, tmp_path: Path) -> None:
+    """--train-iters not a multiple of --log-interval: the last steps get their line, and the
+    summary's train loss is theirs (it said "train n/a" when the run was shorter than one interval)."""
+    out = run_script("pretrain_gpt2.py", TRAIN + ["--log-interval", "4", "--save", str(tmp_path / "ckpt"),
+                                                  "--save-interval", "1", "--eval-interval", "1", "--no-tensorboard"],
+                     check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = losses(out.stdout)
+    assert sorted(logged) == [4, 6], out.stdout[-3000:]
+    assert f"   final lm loss: train {float(logged[6]):.4f} |" in out.stdout
