@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .dropout import dropout, keep_mask, keep_scale
+from .dropout import dropout, keep_mask, keep_scale, mask_bits
 
 
 def _causal_bias(s: int, like: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,8 @@ class _BlockedCausalAttention(torch.autograd.Function):
     """Head by head; saves the softmax probabilities ``(b, heads, s, s)`` and the boolean keep mask.
 
     The mask is drawn block by block in (batch, head) order, which draws the same numbers as
-    ``keep_mask`` of the whole ``(b, heads, s, s)`` at once (for odd ``s * s`` it is drawn at once):
+    ``keep_mask`` of the whole ``(b, heads, s, s)`` at once (when ``s * s`` does not split into whole
+    draws, it is drawn at once):
     the masks of ``_plain``, so compiled and eager runs drop the same probabilities."""
 
     @staticmethod
@@ -51,15 +52,16 @@ class _BlockedCausalAttention(torch.autograd.Function):
         context = torch.empty(b, heads, s, head_size, dtype=query.dtype, device=query.device)
         scratch = torch.empty(s, s, dtype=query.dtype, device=query.device)
         scale, kept_scale = 1.0 / math.sqrt(head_size), keep_scale(dropout_p, query.dtype)
-        whole_mask = s * s % 2 == 1  # blocks would not split the draws as one mask does: draw it at once
+        bits = mask_bits(query.dtype)
+        whole_mask = s * s % (64 // bits) != 0  # blocks would not split the draws as one mask does
         if whole_mask:
-            keep_mask(keep.shape, 1.0 - dropout_p, query.device, out=keep)
+            keep_mask(keep.shape, 1.0 - dropout_p, query.device, out=keep, bits=bits)
         for i in range(b):
             for j in range(heads):
                 torch.addmm(bias, query[i, j], key[i, j].t(), alpha=scale, out=scratch)
                 torch.ops.aten._softmax.out(scratch, -1, False, out=probs[i, j])
                 if not whole_mask:
-                    keep_mask((s, s), 1.0 - dropout_p, query.device, out=keep[i, j])
+                    keep_mask((s, s), 1.0 - dropout_p, query.device, out=keep[i, j], bits=bits)
                 torch.mul(probs[i, j], keep[i, j], out=scratch).mul_(kept_scale)
                 torch.mm(scratch, value[i, j], out=context[i, j])
         ctx.save_for_backward(query, key, value, probs, keep)

@@ -1,11 +1,13 @@
-"""Dropout whose mask costs one 32-bit draw per element on CPU.
+"""Dropout whose mask costs one 32-bit draw per element on CPU (16 bits in half precision).
 
 ``torch.nn.functional.dropout`` on CPU draws each element's mask with ``bernoulli_`` (about 6.5 ns
 an element on one core; torch uses MKL's parallel generator on Intel CPUs only) and scales it in
-two more passes. Here the mask compares 32-bit integers from ``torch.randint`` on int64 (two per
-draw, about 2 ns an element) with ``(1 - p) * 2**32``, and one ``torch.where`` writes the scaled
-mask: the whole forward is about twice as fast, the backward the same single multiply. The drop
-probability is ``p`` rounded to a multiple of 2**-32.
+two more passes. Here the mask compares integers from ``torch.randint`` on int64 with
+``(1 - p) * 2**bits``: two 32-bit numbers per draw (about 2 ns an element), or four 16-bit ones for
+bf16 and fp16 inputs (about half that), and one ``torch.where`` writes the scaled mask: the whole
+forward is about twice as fast, the backward the same single multiply. The drop probability is
+``p`` rounded to a multiple of 2**-32 (2**-16 in half precision, whose own rounding of the scale
+``1 / (1 - p)`` is coarser: 2**-8 relative in bf16).
 
 Both draw from the default generator, so a model-parallel RNG tracker's ``fork()`` and activation
 recomputation (which restores the generator states) work the same; the masks differ from
@@ -21,18 +23,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_LANES = {32: torch.int32, 16: torch.int16}
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, bits: int = 32) -> torch.Tensor:
     """Booleans of ``shape`` (into ``out`` if given), each True with probability ``keep_prob``
-    rounded to a multiple of 2**-32 (at most 1 - 2**-32), from the default generator of ``device``.
-    Masks drawn one after another hold the numbers of one mask of their joint size (even sizes)."""
-    count = math.prod(shape)
-    # Nearly the full int64 range (2**64 - 1 values): two 32-bit draws per element. Unlike random_,
-    # randint is out of place, which torch.compile traces without a graph break.
-    bits = torch.randint(-(2**63), 2**63 - 1, ((count + 1) // 2,), dtype=torch.int64, device=device)
-    # int32 values below it: keep_prob of them (at most all but one in 2**32; it must fit in int32)
-    threshold = min(round(keep_prob * 2**32), 2**32 - 1) - 2**31
-    return torch.lt(bits.view(torch.int32)[:count].view(shape), threshold, out=out)
+    rounded to a multiple of 2**-bits (at most 1 - 2**-bits; ``bits`` 32 or 16), from the default
+    generator of ``device``. Masks drawn one after another hold the numbers of one mask of their
+    joint size (sizes that are multiples of 64 / bits)."""
+    count, per_draw = math.prod(shape), 64 // bits
+    # Nearly the full int64 range (2**64 - 1 values), cut into 64 / bits numbers per draw. Unlike
+    # random_, randint is out of place, which torch.compile traces without a graph break.
+    draws = torch.randint(-(2**63), 2**63 - 1, ((count + per_draw - 1) // per_draw,), dtype=torch.int64,
+                          device=device)
+    # values below it: keep_prob of them (at most all but one in 2**bits; it must fit the lane type)
+    threshold = min(round(keep_prob * 2**bits), 2**bits - 1) - 2 ** (bits - 1)
+    return torch.lt(draws.view(_LANES[bits])[:count].view(shape), threshold, out=out)
+
+
+def mask_bits(dtype: torch.dtype) -> int:
+    """Bits drawn per mask element for a tensor of ``dtype``: 16 in half precision, else 32."""
+    return 16 if dtype in (torch.bfloat16, torch.float16) else 32
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> float:
@@ -47,7 +59,7 @@ def dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tenso
         return input
     if input.device.type != "cpu" or p >= 1.0 or not input.is_floating_point():
         return F.dropout(input, p, training)
-    keep = keep_mask(input.shape, 1.0 - p, input.device)
+    keep = keep_mask(input.shape, 1.0 - p, input.device, bits=mask_bits(input.dtype))
     scale = torch.tensor(1.0 / (1.0 - p), dtype=input.dtype)  # rounded to the dtype: keep_scale(p, dtype)
     # The scaled mask is what autograd keeps (as F.dropout keeps its mask): grad = grad_out * mask.
     return input * torch.where(keep, scale, torch.zeros((), dtype=input.dtype))

@@ -1,4 +1,4 @@
-"""The CPU dropout (32-bit integer masks) and the causal attention with dropout built on it."""
+"""The CPU dropout (32-bit integer masks, 16-bit in half precision) and the causal attention with dropout built on it."""
 
 from __future__ import annotations
 
@@ -16,12 +16,29 @@ from megatron.model.cpu_attention import (
 from megatron.model.dropout import Dropout, dropout, keep_mask
 
 
-def test_keep_mask_keeps_the_asked_fraction_in_both_halves_of_each_draw() -> None:
+@pytest.mark.parametrize("bits", [32, 16])
+def test_keep_mask_keeps_the_asked_fraction_in_every_lane_of_each_draw(bits: int) -> None:
     torch.manual_seed(0)
-    mask = keep_mask((1000, 1000), 0.9, torch.device("cpu")).float()
-    sigma = math.sqrt(0.9 * 0.1 / 5e5)
-    for half in (mask.view(-1)[0::2], mask.view(-1)[1::2]):  # the low and high 32 bits of each int64
-        assert abs(half.mean().item() - 0.9) < 5 * sigma
+    mask = keep_mask((1000, 1000), 0.9, torch.device("cpu"), bits=bits).float()
+    lanes = 64 // bits  # the 32- or 16-bit parts of each int64 drawn
+    sigma = math.sqrt(0.9 * 0.1 / (1e6 / lanes))
+    for lane in range(lanes):
+        assert abs(mask.view(-1)[lane::lanes].mean().item() - 0.9) < 5 * sigma
+
+
+def test_half_precision_dropout_draws_16_bits_per_element() -> None:
+    """A quarter of an int64 draw per element: half the generator's work of a 32-bit mask, with the
+    drop probability rounded to 2**-16 (the bf16 scale itself is rounded to 2**-8)."""
+    x = torch.ones(8, 16, dtype=torch.bfloat16)
+    torch.manual_seed(2)
+    out = dropout(x, 0.1)
+    after = torch.get_rng_state()
+    torch.manual_seed(2)
+    keep = keep_mask(x.shape, 0.9, x.device, bits=16)
+    assert torch.equal(out != 0, keep) and torch.equal(torch.get_rng_state(), after)
+    torch.manual_seed(2)
+    torch.randint(-(2**63), 2**63 - 1, (32,), dtype=torch.int64)  # 128 elements / 4 per draw
+    assert torch.equal(torch.get_rng_state(), after)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -30,7 +47,7 @@ def test_dropout_scales_what_it_keeps_and_its_gradient_is_the_mask(dtype: torch.
     torch.manual_seed(3)
     out = dropout(x, 0.25)
     torch.manual_seed(3)
-    keep = keep_mask(x.shape, 0.75, x.device)
+    keep = keep_mask(x.shape, 0.75, x.device, bits=32 if dtype == torch.float32 else 16)
     expected = torch.where(keep, x.detach() * torch.tensor(1 / 0.75, dtype=dtype), torch.zeros((), dtype=dtype))
     assert out.dtype == dtype and torch.equal(out, expected)
     out.backward(torch.ones_like(out))
@@ -67,11 +84,12 @@ def test_causal_attention_with_dropout_is_softmax_dropout_values(attention, seq:
         torch.testing.assert_close(ours, reference)
 
 
+@pytest.mark.parametrize("seq", [12, 9])  # 9 * 9 splits into no whole draws: the mask is drawn at once
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_attention_equals_the_plain_formulation(dtype: torch.dtype) -> None:
+def test_blocked_attention_equals_the_plain_formulation(dtype: torch.dtype, seq: int) -> None:
     """What eager runs compute equals what compiled runs trace: same masks, same values."""
     gen = torch.Generator().manual_seed(4)
-    qkv = torch.randn(2, 12, 3, 3, 8, generator=gen).to(dtype)  # (b, s, q/k/v, heads, hn), as the model splits
+    qkv = torch.randn(2, seq, 3, 3, 8, generator=gen).to(dtype)  # (b, s, q/k/v, heads, hn), as the model splits
     results = []
     for attention in (_BlockedCausalAttention.apply, _plain):
         leaf = qkv.clone().requires_grad_()
