@@ -52,7 +52,7 @@ class _BlockedCausalAttention(torch.autograd.Function):
         context = torch.empty(b, heads, s, head_size, dtype=query.dtype, device=query.device)
         scratch = torch.empty(s, s, dtype=query.dtype, device=query.device)
         scale, kept_scale = 1.0 / math.sqrt(head_size), keep_scale(dropout_p, query.dtype)
-        bits = mask_bits(query.dtype)
+        bits = mask_bits(query.dtype, dropout_p)
         whole_mask = s * s % (64 // bits) != 0  # blocks would not split the draws as one mask does
         if whole_mask:
             keep_mask(keep.shape, 1.0 - dropout_p, query.device, out=keep, bits=bits)

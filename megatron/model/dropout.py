@@ -6,8 +6,9 @@ two more passes. Here the mask compares integers from ``torch.randint`` on int64
 ``(1 - p) * 2**bits``: two 32-bit numbers per draw (about 2 ns an element), or four 16-bit ones for
 bf16 and fp16 inputs (about half that), and one ``torch.where`` writes the scaled mask: the whole
 forward is about twice as fast, the backward the same single multiply. The drop probability is
-``p`` rounded to a multiple of 2**-32 (2**-16 in half precision, whose own rounding of the scale
-``1 / (1 - p)`` is coarser: 2**-8 relative in bf16).
+``p`` rounded to a multiple of 2**-32, or of 2**-16 in half precision, whose own rounding of the
+scale ``1 / (1 - p)`` is coarser (2**-8 relative in bf16); a ``p`` or ``1 - p`` below 2**-8 keeps
+32 bits there too.
 
 Both draw from the default generator, so a model-parallel RNG tracker's ``fork()`` and activation
 recomputation (which restores the generator states) work the same; the masks differ from
@@ -42,9 +43,11 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
     return torch.lt(draws.view(_LANES[bits])[:count].view(shape), threshold, out=out)
 
 
-def mask_bits(dtype: torch.dtype) -> int:
-    """Bits drawn per mask element for a tensor of ``dtype``: 16 in half precision, else 32."""
-    return 16 if dtype in (torch.bfloat16, torch.float16) else 32
+def mask_bits(dtype: torch.dtype, p: float) -> int:
+    """Bits drawn per mask element for dropout ``p`` of a tensor of ``dtype``: 16 in half precision
+    when 2**-16 steps put ``p`` within 2**-9 of itself (``p`` and ``1 - p`` at least 2**-8), else 32."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return 16 if half and min(p, 1.0 - p) >= 2**-8 else 32
 
 
 def keep_scale(p: float, dtype: torch.dtype) -> float:
@@ -59,7 +62,7 @@ def dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tenso
         return input
     if input.device.type != "cpu" or p >= 1.0 or not input.is_floating_point():
         return F.dropout(input, p, training)
-    keep = keep_mask(input.shape, 1.0 - p, input.device, bits=mask_bits(input.dtype))
+    keep = keep_mask(input.shape, 1.0 - p, input.device, bits=mask_bits(input.dtype, p))
     scale = torch.tensor(1.0 / (1.0 - p), dtype=input.dtype)  # rounded to the dtype: keep_scale(p, dtype)
     # The scaled mask is what autograd keeps (as F.dropout keeps its mask): grad = grad_out * mask.
     return input * torch.where(keep, scale, torch.zeros((), dtype=input.dtype))

@@ -41,6 +41,16 @@ def test_half_precision_dropout_draws_16_bits_per_element() -> None:
     assert torch.equal(torch.get_rng_state(), after)
 
 
+@pytest.mark.parametrize("p", [1e-6, 1 - 1e-6])
+def test_a_dropout_probability_near_0_or_1_keeps_32_bits_in_half_precision(p: float) -> None:
+    """16 bits cannot drop fewer than one element in 2**16: p = 1e-6 would drop 15 times too many."""
+    x = torch.ones(1000, 1000, dtype=torch.bfloat16)
+    torch.manual_seed(6)
+    kept = (dropout(x, p) != 0).sum().item()
+    torch.manual_seed(6)
+    assert kept == keep_mask(x.shape, 1.0 - p, x.device, bits=32).sum().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_scales_what_it_keeps_and_its_gradient_is_the_mask(dtype: torch.dtype) -> None:
     x = (torch.rand(64, 33) + 1.0).to(dtype).requires_grad_()
