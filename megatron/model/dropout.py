@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 _LANES = {32: torch.int32, 16: torch.int16}
 
 
