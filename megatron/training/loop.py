@@ -229,6 +229,12 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
     timed_saves = TimedSaves(checkpoint.save_interval_minutes)
     # An interval's time is its steps': checkpoints and evaluations inside it are left out.
     interval_start, paused = time.perf_counter(), 0.0
+
+    def log_interval() -> None:
+        nonlocal interval_start, paused
+        _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start - paused, peak)
+        interval_start, paused = time.perf_counter(), 0.0
+
     while state.iteration < training.train_iters:
         if nan_injection is not None:
             nan_injection.iteration = state.iteration + 1
@@ -241,8 +247,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
         _record_step(state, result, run)
         if state.iteration % logging.log_interval == 0:
             _check_skips(state, run)
-            _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start - paused, peak)
-            interval_start, paused = time.perf_counter(), 0.0
+            log_interval()
         stop = exits.should_exit(state.iteration)
         timed = checkpoint.save is not None and timed_saves.due()
         if checkpoint.save and (state.iteration % checkpoint.save_interval == 0 or stop or timed):
@@ -257,6 +262,8 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
             timed_saves.saved()
             paused += time.perf_counter() - pause_start
         if stop:
+            if state.interval_iterations:  # the steps since the last log line: their line first
+                log_interval()
             print_rank_0(f" exiting at iteration {state.iteration} ({exits.reason})"
                          + (", checkpoint saved" if checkpoint.save else ""))
             state.stopped_early = True
@@ -270,7 +277,7 @@ def _train_loop(backend: Backend, data: DataIterators, run: RunConfig, state: Tr
     if not state.stopped_early:
         _check_skips(state, run)  # before the final checkpoint
     if state.interval_iterations:  # the last steps since a log line: their line (and the summary's train loss)
-        _log_interval(state, backend, run, log, timers, time.perf_counter() - interval_start - paused, peak)
+        log_interval()
     return state
 
 

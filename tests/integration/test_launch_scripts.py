@@ -30,8 +30,9 @@ def test_an_elastic_torchrun_launch(demo_corpus: Path, tmp_path: Path) -> None:
 def test_a_deepspeed_hostfile_launch_without_ssh(demo_corpus: Path, tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
+    port = free_port()
     result = _script("ds_pretrain_gpt2.sh", {"HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": "0",
-                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, tmp_path)
+                                             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(losses(result.stdout)) == {1, 2, 3} and "backend deepspeed" in result.stdout
     # The demo's defaults: bf16 where this CPU computes it natively, and two drawn samples at the end.
@@ -40,6 +41,24 @@ def test_a_deepspeed_hostfile_launch_without_ssh(demo_corpus: Path, tmp_path: Pa
     samples = result.stdout[result.stdout.index("samples from"):]
     assert "(--top_k 40 --temperature 0.8 --seed 1234):" in samples.splitlines()[0], samples
     assert "\n  1. Return the number of" in samples and "\n  2. This module provides" in samples, samples
+    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm) are removed at a clean exit.
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_a_gpu_is_one_line(tmp_path: Path) -> None:
+    """It ran: 8 s a demo step on a CPU, every step skipped by the loss scaler, 900 of them."""
+    assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"PRECISION": "fp16"}, tmp_path),
+                          "PRECISION=fp16 needs a GPU", "use PRECISION=bf16 or fp32")
+
+
+def test_the_samples_are_a_note_when_no_temporary_file_can_be_made(demo_corpus: Path, tmp_path: Path) -> None:
+    """An unwritable TMPDIR turned a finished run into exit 1 with a bare bash error; training
+    succeeded, so the script says why there are no samples and exits 0."""
+    result = _script("pretrain_gpt2.sh", {"TMPDIR": str(tmp_path / "missing")}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "note: no demo samples: cannot write a temporary file in" in result.stderr
+    assert "samples from" not in result.stdout and "No such file" not in result.stderr
 
 
 def test_a_missing_hostfile_is_one_line(tmp_path: Path) -> None:
@@ -61,8 +80,11 @@ def test_a_missing_hostfile_is_one_line(tmp_path: Path) -> None:
     ({"RDZV_ENDPOINT": "host1:29500:1"}, "has more than one ':'"),
     ({"NNODES": "2", "NODE_RANK": "1"}, "NNODES=2 needs MASTER_ADDR (node 0's host name) and MASTER_PORT"),
     ({"NNODES": "2", "MASTER_ADDR": "10.0.0.1"}, "NNODES=2 needs MASTER_ADDR (node 0's host name) and MASTER_PORT"),
+    ({"TRAIN_ITERS": "abc"}, "TRAIN_ITERS=abc must be an integer from 1"),
+    ({"BATCH_SIZE": "0"}, "BATCH_SIZE=0 must be an integer from 1"),
 ], ids=["node rank past nodes", "negative node rank", "nodes text", "no nodes", "no ranks", "port", "min nodes",
-        "negative restarts", "endpoint port", "bare ipv6", "two colons", "no master", "no master port"])
+        "negative restarts", "endpoint port", "bare ipv6", "two colons", "no master", "no master port",
+        "iterations text", "no batch"])
 def test_a_bad_torchrun_variable_is_one_line(env: dict[str, str], fragment: str, tmp_path: Path) -> None:
     """Each of these hung (torchrun waiting for a node that never comes) or printed a torchrun traceback."""
     assert_one_line_error(_script("pretrain_gpt2_model_parallel.sh", env, tmp_path), fragment)

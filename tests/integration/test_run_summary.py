@@ -132,3 +132,11 @@ def test_the_steps_after_the_last_log_line_are_logged(demo_corpus: Path, tmp_pat
     logged = losses(out.stdout)
     assert sorted(logged) == [4, 6], out.stdout[-3000:]
     assert f"   final lm loss: train {float(logged[6]):.4f} |" in out.stdout
+
+
+def test_an_early_stop_logs_its_last_steps_before_it_says_so(demo_corpus: Path, tmp_path: Path) -> None:
+    out = run_script("pretrain_gpt2.py", TRAIN + ["--log-interval", "3", "--exit-interval", "5", "--save",
+                                                  str(tmp_path / "ckpt"), "--no-tensorboard"], check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(losses(out.stdout)) == [3, 5], out.stdout[-3000:]
+    assert out.stdout.index("iteration        5/") < out.stdout.index("exiting at iteration 5"), out.stdout[-3000:]

@@ -59,3 +59,40 @@ def test_ctrl_c_is_one_line_and_status_130(capsys: pytest.CaptureFixture[str]) -
     """Without --exit-signal-handler, SIGINT printed a KeyboardInterrupt traceback (issue 16)."""
     assert run_entry_point(_raise(KeyboardInterrupt())) == 130
     assert capsys.readouterr().err.startswith("error: interrupted (SIGINT)")
+
+
+def test_another_rank_waits_for_rank_0s_line_and_ctrl_c_ends_only_the_wait(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rank 1 waits before exiting (the launcher stops the other ranks once one exits); Ctrl-C in
+    that wait printed a chained traceback (the wait ran inside the except clause) and exit 130."""
+    waits: list[float] = []
+
+    def interrupted_sleep(seconds: float) -> None:
+        waits.append(seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("megatron.training.entry.time.sleep", interrupted_sleep)
+    assert run_entry_point(_raise(ConfigError("--load x does not exist"))) == 2
+    assert run_entry_point(_raise(TrainingAborted("checkpoint could not be written"))) == 1
+    assert waits == [2.0, 2.0]
+    assert capsys.readouterr().err.splitlines() == ["error (rank 1): --load x does not exist",
+                                                    "error (rank 1): checkpoint could not be written"]
+
+
+def test_an_error_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``python -u`` print wrote the text and the newline apart, and two ranks' lines were
+    glued together ("...write toerror: ...")."""
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr("sys.stderr", Stderr())
+    assert run_entry_point(_raise(ConfigError("--save d is not writable"))) == 2
+    assert writes == ["error: --save d is not writable\n"]
