@@ -7,8 +7,10 @@ import functools
 import sys
 from pathlib import Path
 
+import pytest
 from data_helpers import run_data_tool
 
+from megatron.data.errors import LooseJSONError
 from megatron.tokenizer import GPT2BPETokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
@@ -46,3 +48,33 @@ def test_lone_surrogate_is_a_bad_line(tmp_path, demo_paths):
     stats = preprocess(str(tmp_path / "in.json"), str(tmp_path / "out"), factory, ["text"],
                        append_eod=True, workers=2, skip_bad_lines=True, progress=False)
     assert (stats.documents, stats.bad_lines) == (1, 1)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 23, 64])
+def test_small_blocks_write_the_same_bytes_and_name_the_files_line(monkeypatch, tmp_path, demo_paths,
+                                                                   block_bytes: int) -> None:
+    """Tasks are (offset, length) of whole lines that the workers read themselves: any block size
+    gives the same output, blank lines and an unterminated last line included, and a bad line in a
+    later block is named by its line in the file (the worker only knows its line in the block)."""
+    import preprocess_data
+
+    lines = ['{"text": "first document"}', "", '{"text": "second, a longer one"}', "   ", '{"text": ""}',
+             '{"text": "third \\u00e9"}', '{"text": "last, unterminated"}']
+    (tmp_path / "in.json").write_text("\n".join(lines), encoding="utf-8")
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    outputs = {}
+    for size in (1 << 19, block_bytes):
+        monkeypatch.setattr(preprocess_data, "BYTES_PER_TASK", size)
+        for workers in (1, 2):
+            stats = preprocess(str(tmp_path / "in.json"), str(tmp_path / f"out{size}_{workers}"), factory, ["text"],
+                               append_eod=True, workers=workers, progress=False)
+            assert (stats.documents, stats.empty["text"]) == (5, 1)
+            prefix = tmp_path / f"out{size}_{workers}_text_document"
+            outputs[size, workers] = prefix.with_suffix(".bin").read_bytes(), prefix.with_suffix(".idx").read_bytes()
+    assert len(set(outputs.values())) == 1
+
+    (tmp_path / "bad.json").write_text("\n".join(lines[:5] + ["{not json"] + lines[5:]) + "\n", encoding="utf-8")
+    with pytest.raises(LooseJSONError, match=r"bad\.json:6: malformed JSON"):
+        preprocess(str(tmp_path / "bad.json"), str(tmp_path / "bad"), factory, ["text"], append_eod=True,
+                   workers=2, progress=False)
+    assert not list(tmp_path.glob("bad_*"))
