@@ -81,18 +81,28 @@ class EncodedBlock:
     ids: dict[str, np.ndarray]
 
 
-def _read_block(path: str, offset: int, length: int) -> bytes:
+def _identity(status: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change while the input is read: the file (device, inode), its size and time."""
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+
+def _read_block(path: str, identity: tuple[int, int, int, int], offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of ``path``, refused (DataError) if the file is no longer the
+    one the blocks were cut from: blocks of two versions would be mixed silently."""
     with open(path, "rb") as handle:
+        if _identity(os.fstat(handle.fileno())) != identity:
+            raise DataError(f"{path} changed while it was being preprocessed (replaced, written to or "
+                            "truncated); nothing was written: run again on a file that stays unchanged")
         handle.seek(offset)
         return handle.read(length)
 
 
-def encode_block(task: tuple[str, int, int, list[str], bool, type],
+def encode_block(task: tuple[str, tuple[int, int, int, int], int, int, list[str], bool, type],
                  tokenizer: AbstractTokenizer | None = None) -> EncodedBlock:
     """Read a block of whole lines (``length`` bytes at ``offset``), split, parse and encode them."""
-    path, offset, length, keys, append_eod, dtype = task
+    path, identity, offset, length, keys, append_eod, dtype = task
     tokenizer = tokenizer or _worker_tokenizer
-    block = _read_block(path, offset, length)
+    block = _read_block(path, identity, offset, length)
     sizes: list[int] = []
     errors: dict[int, tuple[int, str]] = {}
     texts: dict[str, list[str]] = {key: [] for key in keys}
@@ -127,13 +137,13 @@ def _tasks(path: str, keys: list[str], append_eod: bool, dtype: type) -> Iterato
     """Blocks of about ``BYTES_PER_TASK`` of whole lines, as (offset, length): the parent only
     finds where each block's last line ends; workers read, split and parse."""
     with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        offset = 0
+        identity = _identity(os.fstat(handle.fileno()))
+        size, offset = identity[2], 0
         while offset < size:
             handle.seek(offset + BYTES_PER_TASK - 1)
             handle.readline()  # to the end of the line holding the block's last byte
             end = min(handle.tell(), size)
-            yield path, offset, end - offset, keys, append_eod, dtype
+            yield path, identity, offset, end - offset, keys, append_eod, dtype
             offset = end
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from data_helpers import run_data_tool
 
-from megatron.data.errors import LooseJSONError
+from megatron.data.errors import DataError, LooseJSONError
 from megatron.tokenizer import GPT2BPETokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
@@ -78,3 +78,29 @@ def test_small_blocks_write_the_same_bytes_and_name_the_files_line(monkeypatch, 
         preprocess(str(tmp_path / "bad.json"), str(tmp_path / "bad"), factory, ["text"], append_eod=True,
                    workers=2, progress=False)
     assert not list(tmp_path.glob("bad_*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_input_changed_while_it_is_read_is_refused(monkeypatch, tmp_path, demo_paths, workers: int) -> None:
+    """Workers open the input for each block: a corpus replaced or appended to mid-run would mix
+    two versions silently; now the run stops with one line and writes nothing."""
+    import preprocess_data
+
+    source = tmp_path / "in.json"
+    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)), encoding="utf-8")
+    monkeypatch.setattr(preprocess_data, "BYTES_PER_TASK", 64)
+    tasks = preprocess_data._tasks
+
+    def change_the_input_after_the_first_task(*args, **kwargs):
+        for number, task in enumerate(tasks(*args, **kwargs)):
+            yield task
+            if number == 0:  # before the second task is handed out (and read)
+                with open(source, "a", encoding="utf-8") as handle:
+                    handle.write('{"text": "appended"}\n')
+
+    monkeypatch.setattr(preprocess_data, "_tasks", change_the_input_after_the_first_task)
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    with pytest.raises(DataError, match="in.json changed while it was being preprocessed"):
+        preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=workers,
+                   progress=False)
+    assert not list(tmp_path.glob("out*"))
