@@ -42,7 +42,7 @@ from megatron.training.entry import run_entry_point  # noqa: E402
 # Half a megabyte per task: at 64 KB the parent's share of the work (sending tasks, receiving
 # results) was twice as large, and on a machine with as many workers as cores it competes with them.
 # A task names its bytes (offset, length) and the worker reads them: the parent no longer sends
-# the corpus through the pool's pipes (it then took 40% of a core at 30 MB/s).
+# the corpus through the pool's pipes (that took the parent a third of a core at 30 MB/s).
 BYTES_PER_TASK = 1 << 19
 _worker_tokenizer: AbstractTokenizer | None = None  # inherited by forked workers
 
