@@ -57,7 +57,7 @@ def _let_rank_0_report_first(rank: str, seconds: float = 2.0) -> None:
             pass
 
 
-def _error_line(prefix: str, message: str) -> None:
+def error_line(prefix: str, message: str) -> None:
     """One write per line: under ``python -u`` (DeepSpeed's launcher) ``print`` writes the text
     and the newline apart, and two ranks failing at once glued their lines together."""
     sys.stderr.write(f"{prefix}: {message}\n")
@@ -91,7 +91,7 @@ def run_entry_point(run: Callable[[], None]) -> int:
             status, message = 1, (f"a collective operation failed ({type(error).__name__}: {str(error)[:200]}); "
                                   "another rank most likely died or hung: check the other ranks' logs")
         if message is not None:  # reported outside the handlers: nothing chains onto the error
-            _error_line(prefix, message)
+            error_line(prefix, message)
             if status in (1, 2):
                 _let_rank_0_report_first(rank)
         return status

@@ -14,13 +14,13 @@ hung rank cannot run its own watchdog; the others' fire, and the launcher stops 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from megatron import progress
+from megatron.training.entry import error_line
 
 
 class ProgressWatchdog:
@@ -73,9 +73,9 @@ class ProgressWatchdog:
                 self._exit(idle)
 
     def _exit(self, idle: float) -> None:
-        print(f"error (rank {self.rank}): no training progress for {idle:.0f} s (--progress-timeout-minutes "
-              f"{self.timeout_s / 60:g}): a rank hung or a collective is stuck; exiting so that the launcher "
-              "restarts the job from the newest checkpoint", file=sys.stderr, flush=True)
+        error_line(f"error (rank {self.rank})", f"no training progress for {idle:.0f} s (--progress-timeout-minutes "
+                   f"{self.timeout_s / 60:g}): a rank hung or a collective is stuck; exiting so that the launcher "
+                   "restarts the job from the newest checkpoint")
         os._exit(1)
 
 
