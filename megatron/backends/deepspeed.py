@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections.abc
 import difflib
+import glob
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -271,6 +272,7 @@ class DeepSpeedEngineBackend:
                                   "load it, or convert it with tools/convert_checkpoint.py")
             raise ConfigError(f"{model_file} is missing: the checkpoint was saved with another "
                               "--model-parallel-size or is incomplete")
+        check_saved_bf16(directory, self.run.precision.dtype)
         _, state = self._load_checked(directory, lambda: self.model.load_checkpoint(
             root, tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer))
         validate(state)
@@ -292,6 +294,22 @@ class DeepSpeedEngineBackend:
         if path is None:
             raise ConfigError(f"DeepSpeed could not load {directory}")
         return path, state
+
+
+def check_saved_bf16(directory: str, dtype: str) -> None:
+    """ConfigError when ``directory`` was saved in bf16 and this run is not, or the reverse:
+    DeepSpeed names a bf16 run's optimizer files ``bf16_zero_pp_rank_*`` and others
+    ``zero_pp_rank_*``, and would fail on a missing file."""
+    bf16 = glob.glob(os.path.join(directory, "bf16_zero_pp_rank_*_optim_states.pt"))
+    other = glob.glob(os.path.join(directory, "zero_pp_rank_*_optim_states.pt"))
+    saved = "bf16" if bf16 and not other else "fp32 or fp16" if other and not bf16 else None
+    if saved is None or (saved == "bf16") == (dtype == "bf16"):
+        return
+    flags = "--bf16; PRECISION=bf16 for the launch scripts" if saved == "bf16" \
+        else "without --bf16; PRECISION=fp32 (or fp16 on a GPU) for the launch scripts"
+    raise ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
+                      f"DeepSpeed keeps the optimizer state of the two in different files. Resume at the "
+                      f"checkpoint's precision ({flags}), or save to a new --save directory")
 
 
 class DeepSpeedBackend(DeepSpeedEngineBackend):

@@ -84,6 +84,20 @@ def wrap_optimizer(optimizer: torch.optim.Optimizer, run: RunConfig) -> torch.op
     return optimizer
 
 
+def check_saved_precision(saved_optimizer: Any, path: str, dtype: str) -> None:
+    """ConfigError when a checkpoint's optimizer state is of the other kind than this run's: fp32
+    runs save the optimizer's own state, fp16 and bf16 runs ``FP16_Optimizer``'s (with fp32 masters)."""
+    saved_half = isinstance(saved_optimizer, dict) and "fp32_from_fp16" in saved_optimizer
+    if saved_half == (dtype != "fp32"):
+        return
+    saved, flags = ("fp16 or bf16", "--fp16 or --bf16; PRECISION=fp16 or bf16 for the launch scripts") if saved_half \
+        else ("fp32", "without --fp16 and --bf16; PRECISION=fp32 for the launch scripts")
+    raise ConfigError(f"checkpoint {path} was saved by a run in {saved} and this run is in {dtype}: its optimizer state "
+                      f"does not fit. Resume at the checkpoint's precision ({flags}), pass --no-load-optim to "
+                      "continue from its weights and iteration with a fresh optimizer, or save to a new --save "
+                      "directory")
+
+
 class MegatronBackend:
     """Megatron-LM's own path: fp16/bf16 wrappers, explicit data-parallel all-reduce.
 
@@ -220,6 +234,8 @@ class MegatronBackend:
             raise ConfigError(f"checkpoint {path} holds no optimizer state (saved with --no-save-optim): pass "
                               "--no-load-optim to start a fresh optimizer and learning-rate schedule from its "
                               "weights and iteration, or --finetune to start over at iteration 0")
+        if load_optimizer and "optimizer" in state:
+            check_saved_precision(state["optimizer"], path, self.run.precision.dtype)
         self.unwrapped_model.load_state_dict(state["model"])
         if load_optimizer and "optimizer" in state:  # iteration 0 (from-hf) has no optimizer state to lose
             self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,58 @@
+"""Resuming a checkpoint at another precision. The optimizer state of an fp32 run and of an fp16/bf16
+run differ (Megatron: the optimizer's own state against ``FP16_Optimizer``'s with fp32 masters;
+DeepSpeed: ``zero_pp_rank_*`` against ``bf16_zero_pp_rank_*`` files), so the resume is refused with
+one line naming both precisions and the flag that resumes, never a traceback or DeepSpeed's missing
+file, and the checkpoint is left as it was. Found after the demo's default became bf16: its old fp32
+checkpoints were refused as "corrupt or from another model/ZeRO setup"."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from launchers import TINY_GPT2, assert_one_line_error, losses, run_script
+
+
+def _args(save: Path, iterations: int, precision: str, deepspeed: Path | None, *extra: str) -> list[str]:
+    args = [*TINY_GPT2, "--batch-size", "2", "--train-iters", str(iterations), "--save", str(save),
+            "--load", str(save), "--save-interval", "4", *extra]
+    if precision == "bf16":
+        args.append("--bf16")
+    if deepspeed is not None:
+        args += ["--deepspeed", "--deepspeed_config", str(deepspeed)]
+    return args
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".writer.lock"}
+
+
+@pytest.mark.parametrize("path", ["megatron", "zero1"])
+@pytest.mark.parametrize("saved, resumed", [("fp32", "bf16"), ("bf16", "fp32")])
+def test_resume_at_another_precision_is_one_line(tmp_path: Path, path: str, saved: str, resumed: str) -> None:
+    config = None
+    if path == "zero1":
+        config = tmp_path / "ds.json"
+        config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    save = tmp_path / "run"
+    run_script("pretrain_gpt2.py", _args(save, 4, saved, config))
+    before = _digests(save)
+    result = run_script("pretrain_gpt2.py", _args(save, 8, resumed, config), check=False)
+    assert_one_line_error(result, "was saved by a run in", saved, f"this run is in {resumed}",
+                          "Resume at the checkpoint's precision")
+    assert _digests(save) == before, "the refused resume changed the checkpoint"
+    # the flag the line names resumes it
+    result = run_script("pretrain_gpt2.py", _args(save, 6, saved, config))
+    assert 6 in losses(result.stdout), result.stdout[-2000:]
+
+
+def test_megatron_resume_at_another_precision_without_optimizer_state(tmp_path: Path) -> None:
+    """The Megatron path's other way out, which the line also names: the weights and iteration,
+    with a fresh optimizer."""
+    save = tmp_path / "run"
+    run_script("pretrain_gpt2.py", _args(save, 4, "fp32", None))
+    result = run_script("pretrain_gpt2.py", _args(save, 6, "bf16", None, "--no-load-optim"))
+    assert 6 in losses(result.stdout), result.stdout[-2000:]
