@@ -63,7 +63,8 @@ class TrainState:
     saved_iteration: int | None = None  # the iteration this run last checkpointed
     last_grad_norm: torch.Tensor | None = None
     last_skipped: torch.Tensor | None = None
-    last_loss: float | None = None  # the newest log line's lm loss
+    last_loss: float | None = None  # the newest finite lm loss of a log line
+    last_loss_iteration: int | None = None  # that line's iteration
 
 
 class NanInjection:
@@ -182,7 +183,8 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
                   elapsed: float, peak_tflops: float) -> None:
     report = interval_report(state, backend, run, elapsed, peak_tflops)
     state.skipped_iterations += report.skipped
-    state.last_loss = report.loss if math.isfinite(report.loss) else state.last_loss
+    if math.isfinite(report.loss):
+        state.last_loss, state.last_loss_iteration = report.loss, state.iteration
     print_rank_0(log_line(report, run.training.train_iters))
     write_scalars(writer, report)
     if run.logging.log_timers:
@@ -419,7 +421,7 @@ def _train_and_summarise(run: RunConfig, model_provider: ModelProvider, data_pro
         log.plot()
         checkpoint = os.path.join(save, checkpoint_tag(state.saved_iteration)) if state.saved_iteration else None
         outcome = Outcome(first_iteration, state.iteration, state.consumed_samples, seconds, state.last_loss,
-                          *losses, checkpoint)
+                          *losses, checkpoint, state.last_loss_iteration)
         for line in summary_lines(run, outcome, log) if run.parallel.rank == 0 else []:
             print(line, flush=True)
     except BaseException:

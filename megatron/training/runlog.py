@@ -145,6 +145,7 @@ class Outcome:
     valid_loss: float | None
     test_loss: float | None
     checkpoint: str | None  # the newest checkpoint directory this run wrote
+    train_loss_iteration: int | None = None  # the iteration whose log line gave ``train_loss``
 
 
 def next_commands(run: RunConfig) -> dict[str, str]:
@@ -155,8 +156,9 @@ def next_commands(run: RunConfig) -> dict[str, str]:
     export = shlex.quote(os.path.normpath(save) + "-hf")  # beside the run's directory, never inside it
     text = evaluation_text(run)
     return {
-        "generate": f"python generate_samples.py {load} {tokenizer} --num-samples 2 --greedy "
-                    f"--out-seq-length {min(64, data.seq_length)}",
+        # sampled as the demo samples are: greedy decoding loops on a small model
+        "generate": f"python generate_samples.py {load} {tokenizer} --num-samples 2 --top_k 40 --temperature 0.8 "
+                    f"--seed 1234 --out-seq-length {min(64, data.seq_length)}",
         "evaluate": f"python evaluate_gpt2.py {load} {tokenizer} --valid-data {shlex.quote(text or 'TEXT_FILE')} "
                     f"--overlapping-eval {data.seq_length}" + ("" if text else " --no-detokenize"),
         "export": f"python tools/convert_checkpoint.py to-hf {load} --output {export} {tokenizer}",
@@ -179,6 +181,14 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _earlier(outcome: Outcome) -> str:
+    """Says so when the train loss is an earlier log line's: every step after it was skipped."""
+    at = outcome.train_loss_iteration
+    if outcome.train_loss is None or at is None or at == outcome.iteration:
+        return ""
+    return f" (at iteration {at}: every step after it was skipped)"
+
+
 def summary_lines(run: RunConfig, outcome: Outcome, log: RunLog) -> list[str]:
     """Rank 0's closing lines: what was trained, how it ended, where everything is, what next."""
     trained = outcome.iteration - outcome.first_iteration
@@ -186,7 +196,8 @@ def summary_lines(run: RunConfig, outcome: Outcome, log: RunLog) -> list[str]:
     resumed = (f" (resumed at iteration {outcome.first_iteration}, now at {outcome.iteration})"
                if outcome.first_iteration else "")
     lines = [f" training summary: {trained} iterations{resumed}, {tokens:,} tokens in {outcome.seconds:.0f} s",
-             f"   final lm loss: train {_loss(outcome.train_loss)} | validation {_loss(outcome.valid_loss)} | "
+             f"   final lm loss: train {_loss(outcome.train_loss)}{_earlier(outcome)} | "
+             f"validation {_loss(outcome.valid_loss)} | "
              f"test {_loss(outcome.test_loss)}"]
     if outcome.checkpoint is not None:
         lines.append(f"   checkpoint:  {outcome.checkpoint}")

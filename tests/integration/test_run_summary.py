@@ -134,6 +134,17 @@ def test_the_steps_after_the_last_log_line_are_logged(demo_corpus: Path, tmp_pat
     assert f"   final lm loss: train {float(logged[6]):.4f} |" in out.stdout
 
 
+def test_a_train_loss_from_before_skipped_steps_says_so(demo_corpus: Path, tmp_path: Path) -> None:
+    """The last interval's steps were all skipped (a non-finite loss): the summary showed the
+    interval before's loss as the final one without a word."""
+    out = run_script("pretrain_gpt2.py", TRAIN + ["--no-tensorboard"], check=False,
+                     env=dict(ENV, MEGATRON_TEST_INJECT_NAN="5,6"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = losses(out.stdout)
+    assert f"   final lm loss: train {float(logged[4]):.4f} (at iteration 4: every step after it was skipped) |" \
+        in out.stdout, out.stdout[-3000:]
+
+
 def test_an_early_stop_logs_its_last_steps_before_it_says_so(demo_corpus: Path, tmp_path: Path) -> None:
     out = run_script("pretrain_gpt2.py", TRAIN + ["--log-interval", "3", "--exit-interval", "5", "--save",
                                                   str(tmp_path / "ckpt"), "--no-tensorboard"], check=False)
