@@ -189,6 +189,7 @@ deepspeed_launcher() {  # sets DEEPSPEED
       echo "error: NNODES=$NNODES: the DeepSpeed scripts start several nodes from HOSTFILE (DeepSpeed's 'host slots=N' file); set it" >&2
       exit 2
     fi
+    check_int NODE_RANK 0 0 "this node's number: 0 on one node (several nodes take HOSTFILE)"
     DEEPSPEED=(deepspeed --num_gpus "$GPUS_PER_NODE" --master_port "$MASTER_PORT")
     return
   fi

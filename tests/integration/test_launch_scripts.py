@@ -111,6 +111,14 @@ def test_a_bad_hostfile_is_one_line(hostfile: str | None, env: dict[str, str], f
     assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"HOSTFILE": str(path), **env}, tmp_path), fragment)
 
 
+@pytest.mark.parametrize("rank", ["1", "abc"])
+def test_a_bad_node_rank_without_a_hostfile_is_one_line(rank: str, tmp_path: Path) -> None:
+    """Without a hostfile the DeepSpeed scripts run one node: NODE_RANK=1 (or text) was ignored,
+    and only the missing samples (rank 0's node prints them) showed it."""
+    assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"NODE_RANK": rank}, tmp_path),
+                          f"NODE_RANK={rank} must be an integer from 0 to 0")
+
+
 def test_several_deepspeed_nodes_need_a_hostfile(tmp_path: Path) -> None:
     """Without one each node ran a one-node job of its own on the same checkpoint directory."""
     assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"NNODES": "2", "NODE_RANK": "1", "NO_SSH": "1"}, tmp_path),
