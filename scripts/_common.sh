@@ -120,6 +120,8 @@ fi
 
 # The launchers. A script calls the one it uses; it checks that launcher's variables (one line and
 # exit 2 for a value that would hang it or end in a traceback) and sets the command array.
+# torchrun through megatron.torchrun: a failed rank ends the run with one line and its exit code,
+# not torchrun's ChildFailedError traceback and exit 1.
 torchrun_launcher() {  # sets TORCHRUN
   if [ -n "${RDZV_ENDPOINT:-}" ]; then
     MIN_NODES=${MIN_NODES:-$NNODES}
@@ -140,7 +142,7 @@ torchrun_launcher() {  # sets TORCHRUN
     # torch 2.13's c10d rendezvous shares one TCP store across rounds and hangs when a node joins a
     # running job; a store per round does not (docs/training.md, "An elastic run").
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-    TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$MIN_NODES:$NNODES"
+    TORCHRUN=(python -m megatron.torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$MIN_NODES:$NNODES"
               --max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT"
               --rdzv-id "${RDZV_ID:-$(basename "$0" .sh)_${MODEL}}")
     return
@@ -150,7 +152,7 @@ torchrun_launcher() {  # sets TORCHRUN
     echo "error: NNODES=$NNODES needs MASTER_ADDR (node 0's host name) and MASTER_PORT (a free port there), the same on every node" >&2
     exit 2
   fi
-  TORCHRUN=(torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
+  TORCHRUN=(python -m megatron.torchrun --nproc_per_node "$GPUS_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
             --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
 }
 

@@ -27,6 +27,16 @@ def test_an_elastic_torchrun_launch(demo_corpus: Path, tmp_path: Path) -> None:
     assert set(losses(result.stdout)) == {1, 2, 3} and "model parallel 2" in result.stdout
 
 
+def test_a_user_error_under_torchrun_ends_with_one_line_and_its_exit_code(demo_corpus: Path, tmp_path: Path) -> None:
+    """torchrun ended a rank's one-line user error with its ChildFailedError traceback and exit 1."""
+    (tmp_path / "file").write_text("")
+    result = _script("pretrain_gpt2_model_parallel.sh", {"CHECKPOINT_PATH": str(tmp_path / "file")}, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "--save directory" in result.stderr and "is not writable" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: pretrain_gpt2.py failed: rank ") and "exited with code 2" in last, last
+
+
 def test_a_deepspeed_hostfile_launch_without_ssh(demo_corpus: Path, tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
@@ -126,13 +136,14 @@ def test_several_deepspeed_nodes_need_a_hostfile(tmp_path: Path) -> None:
 
 
 def _fake_launchers(tmp_path: Path) -> dict[str, str]:
-    """``torchrun`` and ``deepspeed`` that print their arguments and exit 0 (first on PATH)."""
+    """A ``deepspeed`` that prints its arguments and exits 0 (first on PATH); ``megatron.torchrun``
+    does the same under MEGATRON_TEST_LAUNCH_ECHO=1."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("torchrun", "deepspeed"):
+    for name in ("deepspeed",):
         (bin_dir / name).write_text("#!/bin/sh\necho LAUNCH $0 \"$@\"\n")
         (bin_dir / name).chmod(0o755)
-    return {"PATH": f"{bin_dir}:{ENV['PATH']}"}
+    return {"PATH": f"{bin_dir}:{ENV['PATH']}", "MEGATRON_TEST_LAUNCH_ECHO": "1"}  # megatron.torchrun echoes
 
 
 @pytest.mark.parametrize("script,env,hostfile,expected", [
