@@ -309,7 +309,8 @@ def check_saved_bf16(directory: str, dtype: str) -> None:
         else "without --bf16; PRECISION=fp32 (or fp16 on a GPU) for the launch scripts"
     raise ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
                       f"DeepSpeed keeps the optimizer state of the two in different files. Resume at the "
-                      f"checkpoint's precision ({flags}), or save to a new --save directory")
+                      f"checkpoint's precision ({flags}), or start over in a new --save directory "
+                      "(CHECKPOINT_PATH for the launch scripts)")
 
 
 class DeepSpeedBackend(DeepSpeedEngineBackend):
