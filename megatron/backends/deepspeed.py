@@ -40,6 +40,7 @@ from megatron.checkpoint.reshard import (
     saved_topology,
     universal_copy_converter,
 )
+from megatron.checkpoint.zero_state import trusted_load
 from megatron.config import RunConfig
 from megatron.errors import ConfigError, TrainingAborted
 from megatron.model import (
@@ -272,16 +273,20 @@ class DeepSpeedEngineBackend:
                                   "load it, or convert it with tools/convert_checkpoint.py")
             raise ConfigError(f"{model_file} is missing: the checkpoint was saved with another "
                               "--model-parallel-size or is incomplete")
-        check_saved_bf16(directory, self.run.precision.dtype)
+        dtype = self.run.precision.dtype
+        if load_optimizer:  # the weights alone load at any precision
+            check_saved_bf16(directory, dtype)
         _, state = self._load_checked(directory, lambda: self.model.load_checkpoint(
-            root, tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer))
+            root, tag=tag, load_optimizer_states=load_optimizer, load_lr_scheduler_states=load_optimizer),
+            lambda: check_saved_stage0_precision(directory, dtype))
         validate(state)
         return state
 
     @staticmethod
-    def _load_checked(directory: str, load: Callable[[], tuple[str | None, dict[str, Any]]]
-                      ) -> tuple[str, dict[str, Any]]:
-        """``load()``'s result; a failure to read is a ConfigError naming ``directory``."""
+    def _load_checked(directory: str, load: Callable[[], tuple[str | None, dict[str, Any]]],
+                      explain: Callable[[], None] | None = None) -> tuple[str, dict[str, Any]]:
+        """``load()``'s result; a failure to read is a ConfigError naming ``directory`` (or the one
+        ``explain`` raises when it recognises the cause)."""
         from deepspeed.runtime.zero.utils import ZeRORuntimeException
 
         try:
@@ -289,6 +294,8 @@ class DeepSpeedEngineBackend:
         except (ConfigError, TrainingAborted):
             raise
         except (RuntimeError, OSError, KeyError, EOFError, AssertionError, ZeRORuntimeException) as error:
+            if explain is not None:
+                explain()
             raise ConfigError(f"DeepSpeed checkpoint {directory} cannot be loaded ({type(error).__name__}: "
                               f"{str(error)[:300]}); it is corrupt or from another model/ZeRO setup") from None
         if path is None:
@@ -297,20 +304,40 @@ class DeepSpeedEngineBackend:
 
 
 def check_saved_bf16(directory: str, dtype: str) -> None:
-    """ConfigError when ``directory`` was saved in bf16 and this run is not, or the reverse:
-    DeepSpeed names a bf16 run's optimizer files ``bf16_zero_pp_rank_*`` and others
-    ``zero_pp_rank_*``, and would fail on a missing file."""
+    """ConfigError when ``directory`` was saved in bf16 and this run is not, or the reverse, at
+    ZeRO stage 1-3: DeepSpeed names a bf16 run's optimizer files ``bf16_zero_pp_rank_*`` and
+    others ``zero_pp_rank_*``, and would fail on a missing file."""
     bf16 = glob.glob(os.path.join(directory, "bf16_zero_pp_rank_*_optim_states.pt"))
     other = glob.glob(os.path.join(directory, "zero_pp_rank_*_optim_states.pt"))
     saved = "bf16" if bf16 and not other else "fp32 or fp16" if other and not bf16 else None
-    if saved is None or (saved == "bf16") == (dtype == "bf16"):
+    if saved is not None and (saved == "bf16") != (dtype == "bf16"):
+        raise _precision_error(directory, saved, dtype, "bf16" if saved == "bf16" else "fp32")
+
+
+def check_saved_stage0_precision(directory: str, dtype: str) -> None:
+    """After a failed load: ConfigError when ``directory`` is a ZeRO stage 0 checkpoint whose
+    optimizer state (whole, in the model-states file) is of the other kind than this run's: the
+    torch optimizer's own in fp32, DeepSpeed's FP16_Optimizer (fp32 masters) in fp16 and bf16."""
+    path = os.path.join(directory, "mp_rank_00_model_states.pt")
+    try:
+        optimizer = trusted_load(path).get("optimizer")
+    except Exception:  # noqa: BLE001 - unreadable: the caller's own error says so
         return
-    flags = "--bf16; PRECISION=bf16 for the launch scripts" if saved == "bf16" \
-        else "without --bf16; PRECISION=fp32 (or fp16 on a GPU) for the launch scripts"
-    raise ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
-                      f"DeepSpeed keeps the optimizer state of the two in different files. Resume at the "
-                      f"checkpoint's precision ({flags}), or start over in a new --save directory "
-                      "(CHECKPOINT_PATH for the launch scripts)")
+    if not isinstance(optimizer, dict) or not ({"param_groups", "optimizer_state_dict"} & set(optimizer)):
+        return
+    saved_half = "optimizer_state_dict" in optimizer
+    if saved_half != (dtype != "fp32"):
+        raise _precision_error(directory, "fp16 or bf16" if saved_half else "fp32", dtype,
+                               "bf16" if saved_half else "fp32")
+
+
+def _precision_error(directory: str, saved: str, dtype: str, resume_as: str) -> ConfigError:
+    flags = "--bf16 (or --fp16 on a GPU); PRECISION=bf16 for the launch scripts" if resume_as == "bf16" \
+        else "without --bf16 and --fp16; PRECISION=fp32 for the launch scripts"
+    return ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
+                       f"their optimizer states differ. Resume at the checkpoint's precision ({flags}), pass "
+                       "--no-load-optim to continue from its weights and iteration with a fresh optimizer, or "
+                       "start a fresh run without --load (a new CHECKPOINT_PATH for the launch scripts)")
 
 
 class DeepSpeedBackend(DeepSpeedEngineBackend):

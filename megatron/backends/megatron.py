@@ -94,8 +94,8 @@ def check_saved_precision(saved_optimizer: Any, path: str, dtype: str) -> None:
         else ("fp32", "without --fp16 and --bf16; PRECISION=fp32 for the launch scripts")
     raise ConfigError(f"checkpoint {path} was saved by a run in {saved} and this run is in {dtype}: its optimizer state "
                       f"does not fit. Resume at the checkpoint's precision ({flags}), pass --no-load-optim to "
-                      "continue from its weights and iteration with a fresh optimizer, or start over in a new --save "
-                      "directory (CHECKPOINT_PATH for the launch scripts)")
+                      "continue from its weights and iteration with a fresh optimizer, or start a fresh run without "
+                      "--load (a new CHECKPOINT_PATH for the launch scripts)")
 
 
 class MegatronBackend:

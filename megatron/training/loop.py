@@ -65,6 +65,7 @@ class TrainState:
     last_skipped: torch.Tensor | None = None
     last_loss: float | None = None  # the newest finite lm loss of a log line
     last_loss_iteration: int | None = None  # that line's iteration
+    last_loss_skipped: int = 0  # the skipped steps of that line's interval
 
 
 class NanInjection:
@@ -184,7 +185,7 @@ def _log_interval(state: TrainState, backend: Backend, run: RunConfig, writer: A
     report = interval_report(state, backend, run, elapsed, peak_tflops)
     state.skipped_iterations += report.skipped
     if math.isfinite(report.loss):
-        state.last_loss, state.last_loss_iteration = report.loss, state.iteration
+        state.last_loss, state.last_loss_iteration, state.last_loss_skipped = report.loss, state.iteration, report.skipped
     print_rank_0(log_line(report, run.training.train_iters))
     write_scalars(writer, report)
     if run.logging.log_timers:
@@ -421,7 +422,7 @@ def _train_and_summarise(run: RunConfig, model_provider: ModelProvider, data_pro
         log.plot()
         checkpoint = os.path.join(save, checkpoint_tag(state.saved_iteration)) if state.saved_iteration else None
         outcome = Outcome(first_iteration, state.iteration, state.consumed_samples, seconds, state.last_loss,
-                          *losses, checkpoint, state.last_loss_iteration)
+                          *losses, checkpoint, state.last_loss_iteration, state.last_loss_skipped)
         for line in summary_lines(run, outcome, log) if run.parallel.rank == 0 else []:
             print(line, flush=True)
     except BaseException:

@@ -146,6 +146,7 @@ class Outcome:
     test_loss: float | None
     checkpoint: str | None  # the newest checkpoint directory this run wrote
     train_loss_iteration: int | None = None  # the iteration whose log line gave ``train_loss``
+    train_loss_skipped: int = 0  # the skipped steps of that line's interval
 
 
 def next_commands(run: RunConfig) -> dict[str, str]:
@@ -182,11 +183,17 @@ def _loss(value: float | None) -> str:
 
 
 def _earlier(outcome: Outcome) -> str:
-    """Says so when the train loss is an earlier log line's: every step after it was skipped."""
-    at = outcome.train_loss_iteration
-    if outcome.train_loss is None or at is None or at == outcome.iteration:
+    """Says so when skipped steps shape the train loss: it is an earlier log line's (every later
+    step was skipped), or the mean of fewer steps than its interval had."""
+    at, skipped = outcome.train_loss_iteration, outcome.train_loss_skipped
+    if outcome.train_loss is None or at is None:
         return ""
-    return f" (at iteration {at}: every step after it was skipped)"
+    whose = f", whose interval skipped {skipped} step(s)" if skipped else ""
+    if at != outcome.iteration:
+        return f" (from the log line at iteration {at}{whose}: every later step was skipped)"
+    if skipped:
+        return f" (the last log interval skipped {skipped} step(s): the mean of its other steps)"
+    return ""
 
 
 def summary_lines(run: RunConfig, outcome: Outcome, log: RunLog) -> list[str]:
