@@ -234,13 +234,33 @@ def _deepspeed_optimizer(directory: str, shards: list[dict[str, Any]], stage: in
                          models: list[StateDict]) -> dict[str, Any]:
     """Serial optimizer state of a DeepSpeed checkpoint without pipelining (``merge_optimizer``'s format)."""
     if stage == 0:
+        optimizers = [s.get("optimizer") for s in shards]
+        if all(isinstance(o, dict) and "fp32_groups" in o for o in optimizers):
+            return _deepspeed_half_optimizer(directory, optimizers, models)
         try:
-            return merge_optimizer([s["optimizer"] for s in shards], models)
+            return merge_optimizer(optimizers, models)
         except (KeyError, TypeError, AttributeError):
             raise ConfigError(f"{directory}: the optimizer of this ZeRO stage 0 checkpoint is DeepSpeed's own "
                               "(bf16/fp16) and cannot be resharded: resume at its saved topology") from None
     states = [[read_zero_state(directory, rank, shard["param_shapes"])] for rank, shard in enumerate(shards)]
     return _serial_zero_optimizer(states, lambda name: name)
+
+
+def _deepspeed_half_optimizer(directory: str, optimizers: list[dict[str, Any]],
+                              models: list[StateDict]) -> dict[str, Any]:
+    """ZeRO stage 0 under DeepSpeed's own fp16/bf16 wrapper: the wrapped optimizer's state and the
+    fp32 master weights (``fp32_groups``: per parameter group, the masters in the optimizer's
+    order), as the ZeRO stages give them. Merging the wrapped state alone took the half-precision
+    weights as masters."""
+    merged = merge_optimizer([o["optimizer_state_dict"] for o in optimizers], models)
+    names = optimizer_param_names(list(models[0]))
+    flat = [[tensor for group in o["fp32_groups"] for tensor in group] for o in optimizers]
+    if any(len(masters) != len(names) for masters in flat):
+        raise ConfigError(f"{directory}: the fp32 master weights of this ZeRO stage 0 checkpoint number "
+                          f"{len(flat[0])}, the model's parameters {len(names)}: it is not a GPT-2 checkpoint "
+                          "of this codebase")
+    merged["masters"] = {name: merge_tensor(name, [masters[i] for masters in flat]) for i, name in enumerate(names)}
+    return merged
 
 
 def _pipeline_optimizer(directory: str, config: dict[str, Any]) -> dict[str, Any]:

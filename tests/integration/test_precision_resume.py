@@ -64,3 +64,24 @@ def test_resume_at_another_precision_without_optimizer_state(tmp_path: Path, pat
     run_script("pretrain_gpt2.py", _args(save, 4, "fp32", config))
     result = run_script("pretrain_gpt2.py", _args(save, 6, "bf16", config, "--no-load-optim"))
     assert 6 in losses(result.stdout), result.stdout[-2000:]
+
+
+def test_a_zero0_bf16_checkpoint_reshards_from_its_fp32_masters(tmp_path: Path) -> None:
+    """Found by the hostile review: resharding a ZeRO 0 bf16 checkpoint announced "fp32 master
+    weights" but took the bf16 weights as masters (DeepSpeed's wrapper keeps them in fp32_groups)."""
+    import torch
+
+    from megatron.checkpoint.convert import read_checkpoint_directory
+
+    save = tmp_path / "run"
+    run_script("pretrain_gpt2.py", _args(save, 4, "bf16", _config(tmp_path, "zero0")))
+    directory = save / "iter_0000004"
+    read = read_checkpoint_directory(str(directory), deepspeed_optimizer=True)
+    raw = torch.load(directory / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    saved = [master for group in raw["optimizer"]["fp32_groups"] for master in group]
+    masters = list(read.optimizer["masters"].values())
+    assert len(masters) == len(saved) and all(m.dtype == torch.float32 for m in masters)
+    assert all(torch.equal(m, s) for m, s in zip(masters, saved))
+    weights = {name: read.model[name] for name in read.optimizer["masters"] if name in read.model}
+    assert weights and any(not torch.equal(read.optimizer["masters"][name], weight.float())
+                           for name, weight in weights.items())
