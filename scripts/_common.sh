@@ -43,17 +43,8 @@ PRECISION=${PRECISION:-$DEFAULT_PRECISION}
 MODEL=${MODEL:-demo}
 
 # One line and exit 2 for a launcher variable the launchers cannot use (they would hang or print a
-# traceback). Usage: check_int NAME MIN MAX [WHY]
-check_int() {
-  local name=$1 min=$2 max=$3 why=${4:-} value=${!1} digits
-  digits=$(printf '%s' "$value" | sed 's/^0*//')
-  digits=${digits:-0}
-  if ! [[ "$value" =~ ^[0-9]+$ ]] || [ "${#digits}" -gt 9 ] || [ "$digits" -lt "$min" ] || [ "$digits" -gt "$max" ]; then
-    echo "error: $name=$value must be an integer from $min to $max${why:+ ($why)}" >&2
-    exit 2
-  fi
-  printf -v "$name" '%s' "$digits"  # without leading zeros (08 is not octal to anyone after this)
-}
+# traceback).
+source "$(dirname "${BASH_SOURCE[0]}")/_check_int.sh"
 check_int GPUS_PER_NODE 1 4096 "ranks per node"
 check_int NNODES 1 100000
 check_int MASTER_PORT 1 65535 "a TCP port"

@@ -129,6 +129,21 @@ def test_a_bad_node_rank_without_a_hostfile_is_one_line(rank: str, tmp_path: Pat
                           f"NODE_RANK={rank} must be an integer from 0 to 0")
 
 
+@pytest.mark.parametrize("script", ["ds_pretrain_bert.sh", "pretrain_bert.sh"])
+@pytest.mark.parametrize("env,fragment", [
+    ({"NNODES": "2"}, "NNODES=2 must be an integer from 1 to 1 (the BERT scripts run on one node"),
+    ({"NODE_RANK": "1"}, "NODE_RANK=1 must be an integer from 0 to 0"),
+    ({"HOSTFILE": "/no/such/hosts"}, "the BERT scripts run on one node (HOSTFILE and RDZV_ENDPOINT"),
+    ({"TRAIN_ITERS": "abc"}, "TRAIN_ITERS=abc must be an integer"),
+    ({"MP": "0"}, "MP=0 must be an integer from 1"),
+], ids=["nodes", "node rank", "hostfile", "iterations text", "no model parallel"])
+def test_a_bad_bert_script_variable_is_one_line(script: str, env: dict[str, str], fragment: str,
+                                                tmp_path: Path) -> None:
+    """The BERT scripts ignored the multi-node variables (a 'second node' ran a one-node job of its
+    own on the same checkpoint directory) and passed text through to argparse's usage dump."""
+    assert_one_line_error(_script(script, env, tmp_path), fragment)
+
+
 def test_several_deepspeed_nodes_need_a_hostfile(tmp_path: Path) -> None:
     """Without one each node ran a one-node job of its own on the same checkpoint directory."""
     assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"NNODES": "2", "NODE_RANK": "1", "NO_SSH": "1"}, tmp_path),
