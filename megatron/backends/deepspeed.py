@@ -333,7 +333,7 @@ def check_saved_stage0_precision(directory: str, dtype: str) -> None:
 
 def _precision_error(directory: str, saved: str, dtype: str, resume_as: str) -> ConfigError:
     flags = "--bf16 (or --fp16 on a GPU); PRECISION=bf16 for the launch scripts" if resume_as == "bf16" \
-        else "without --bf16 and --fp16; PRECISION=fp32 for the launch scripts"
+        else "without --bf16, with --fp16 if it was an fp16 run on a GPU; PRECISION=fp32 or fp16 for the launch scripts"
     return ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
                        f"their optimizer states differ. Resume at the checkpoint's precision ({flags}), pass "
                        "--no-load-optim to continue from its weights and iteration with a fresh optimizer, or "

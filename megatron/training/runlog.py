@@ -182,7 +182,7 @@ def _loss(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _earlier(outcome: Outcome) -> str:
+def _train_loss_note(outcome: Outcome) -> str:
     """Says so when skipped steps shape the train loss: it is an earlier log line's (every later
     step was skipped), or the mean of fewer steps than its interval had."""
     at, skipped = outcome.train_loss_iteration, outcome.train_loss_skipped
@@ -203,7 +203,7 @@ def summary_lines(run: RunConfig, outcome: Outcome, log: RunLog) -> list[str]:
     resumed = (f" (resumed at iteration {outcome.first_iteration}, now at {outcome.iteration})"
                if outcome.first_iteration else "")
     lines = [f" training summary: {trained} iterations{resumed}, {tokens:,} tokens in {outcome.seconds:.0f} s",
-             f"   final lm loss: train {_loss(outcome.train_loss)}{_earlier(outcome)} | "
+             f"   final lm loss: train {_loss(outcome.train_loss)}{_train_loss_note(outcome)} | "
              f"validation {_loss(outcome.valid_loss)} | "
              f"test {_loss(outcome.test_loss)}"]
     if outcome.checkpoint is not None:
