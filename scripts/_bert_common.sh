@@ -6,7 +6,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-source "$(dirname "${BASH_SOURCE[0]}")/_check_int.sh"
+source "$REPO_ROOT/scripts/_check_int.sh"  # after the cd above: not relative to the caller
 # One node only: the GPT-2 scripts' multi-node variables would be ignored here without a word.
 if [ -n "${HOSTFILE:-}${RDZV_ENDPOINT:-}" ]; then
   echo "error: the BERT scripts run on one node (HOSTFILE and RDZV_ENDPOINT are for the GPT-2 scripts); for several nodes run pretrain_bert.py under torchrun or deepspeed yourself" >&2

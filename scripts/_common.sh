@@ -44,7 +44,7 @@ MODEL=${MODEL:-demo}
 
 # One line and exit 2 for a launcher variable the launchers cannot use (they would hang or print a
 # traceback).
-source "$(dirname "${BASH_SOURCE[0]}")/_check_int.sh"
+source "$REPO_ROOT/scripts/_check_int.sh"  # after the cd above: not relative to the caller
 check_int GPUS_PER_NODE 1 4096 "ranks per node"
 check_int NNODES 1 100000
 check_int MASTER_PORT 1 65535 "a TCP port"

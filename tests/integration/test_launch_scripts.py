@@ -144,6 +144,15 @@ def test_a_bad_bert_script_variable_is_one_line(script: str, env: dict[str, str]
     assert_one_line_error(_script(script, env, tmp_path), fragment)
 
 
+@pytest.mark.parametrize("script", ["ds_pretrain_gpt2.sh", "ds_pretrain_bert.sh"])
+def test_a_script_run_by_a_relative_path_from_elsewhere(script: str) -> None:
+    """The scripts cd to the repository before sourcing their helpers: a helper sourced by a path
+    relative to the caller's directory was not found."""
+    result = subprocess.run(["bash", f"{REPO.name}/scripts/{script}"], cwd=REPO.parent, env={**ENV, "NODE_RANK": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "NODE_RANK=1 must be an integer from 0 to 0")
+
+
 def test_several_deepspeed_nodes_need_a_hostfile(tmp_path: Path) -> None:
     """Without one each node ran a one-node job of its own on the same checkpoint directory."""
     assert_one_line_error(_script("ds_pretrain_gpt2.sh", {"NNODES": "2", "NODE_RANK": "1", "NO_SSH": "1"}, tmp_path),
