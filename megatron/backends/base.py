@@ -20,6 +20,7 @@ from megatron import mpu
 from megatron.checkpoint.async_save import FileSink
 from megatron.checkpoint.layout import StateCheck
 from megatron.config import RunConfig
+from megatron.errors import ConfigError
 from megatron.training.schedule import AnnealingLR
 
 # forward_step(data_iterator, model, run) -> the mean loss of one micro batch (0-dim fp32).
@@ -125,3 +126,22 @@ def average_over_data_parallel(loss: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(reduced, group=mpu.get_data_parallel_group())
         reduced /= mpu.get_data_parallel_world_size()
     return reduced
+
+
+# How to resume at each precision a checkpoint can be recognised as having been saved in.
+_RESUME_FLAGS = {
+    "fp32": "without --fp16 and --bf16; PRECISION=fp32 for the launch scripts",
+    "fp16 or bf16": "--fp16 or --bf16 (bf16 on a CPU); PRECISION=fp16 or bf16 for the launch scripts",
+    "bf16": "--bf16; PRECISION=bf16 for the launch scripts",
+    "fp32 or fp16": "without --bf16, with --fp16 if it was an fp16 run on a GPU; PRECISION=fp32 or fp16 for the "
+                    "launch scripts",
+}
+
+
+def precision_mismatch(checkpoint: str, saved: str, dtype: str) -> ConfigError:
+    """The error for resuming ``checkpoint``, saved by a run in ``saved`` (a key of
+    ``_RESUME_FLAGS``), in a run of precision ``dtype``: their optimizer states differ."""
+    return ConfigError(f"{checkpoint} was saved by a run in {saved} and this run is in {dtype}: their optimizer "
+                       f"states differ. Resume at the checkpoint's precision ({_RESUME_FLAGS[saved]}), pass "
+                       "--no-load-optim to continue from its weights and iteration with a fresh optimizer, or "
+                       "start a fresh run without --load (a new CHECKPOINT_PATH for the launch scripts)")

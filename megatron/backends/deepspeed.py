@@ -29,6 +29,7 @@ from megatron.backends.base import (
     build_lr_scheduler,
     build_optimizer,
     maybe_compile,
+    precision_mismatch,
 )
 from megatron.backends.deepspeed_universal import deepspeed_converter, load_resharded
 from megatron.checkpoint.async_save import FileSink
@@ -311,7 +312,7 @@ def check_saved_bf16(directory: str, dtype: str) -> None:
     other = glob.glob(os.path.join(directory, "zero_pp_rank_*_optim_states.pt"))
     saved = "bf16" if bf16 and not other else "fp32 or fp16" if other and not bf16 else None
     if saved is not None and (saved == "bf16") != (dtype == "bf16"):
-        raise _precision_error(directory, saved, dtype, "bf16" if saved == "bf16" else "fp32")
+        raise precision_mismatch(f"DeepSpeed checkpoint {directory}", saved, dtype)
 
 
 def check_saved_stage0_precision(directory: str, dtype: str) -> None:
@@ -327,17 +328,8 @@ def check_saved_stage0_precision(directory: str, dtype: str) -> None:
         return
     saved_half = "optimizer_state_dict" in optimizer
     if saved_half != (dtype != "fp32"):
-        raise _precision_error(directory, "fp16 or bf16" if saved_half else "fp32", dtype,
-                               "bf16" if saved_half else "fp32")
-
-
-def _precision_error(directory: str, saved: str, dtype: str, resume_as: str) -> ConfigError:
-    flags = "--bf16 (or --fp16 on a GPU); PRECISION=bf16 for the launch scripts" if resume_as == "bf16" \
-        else "without --bf16, with --fp16 if it was an fp16 run on a GPU; PRECISION=fp32 or fp16 for the launch scripts"
-    return ConfigError(f"DeepSpeed checkpoint {directory} was saved by a run in {saved} and this run is in {dtype}: "
-                       f"their optimizer states differ. Resume at the checkpoint's precision ({flags}), pass "
-                       "--no-load-optim to continue from its weights and iteration with a fresh optimizer, or "
-                       "start a fresh run without --load (a new CHECKPOINT_PATH for the launch scripts)")
+        raise precision_mismatch(f"DeepSpeed checkpoint {directory}", "fp16 or bf16" if saved_half else "fp32",
+                                 dtype)
 
 
 class DeepSpeedBackend(DeepSpeedEngineBackend):

@@ -19,6 +19,7 @@ from megatron.backends.base import (
     build_lr_scheduler,
     build_optimizer,
     maybe_compile,
+    precision_mismatch,
 )
 from megatron.checkpoint.async_save import FileSink
 from megatron.checkpoint.convert import optimizer_param_names
@@ -88,14 +89,8 @@ def check_saved_precision(saved_optimizer: Any, path: str, dtype: str) -> None:
     """ConfigError when a checkpoint's optimizer state is of the other kind than this run's: fp32
     runs save the optimizer's own state, fp16 and bf16 runs ``FP16_Optimizer``'s (with fp32 masters)."""
     saved_half = isinstance(saved_optimizer, dict) and "fp32_from_fp16" in saved_optimizer
-    if saved_half == (dtype != "fp32"):
-        return
-    saved, flags = ("fp16 or bf16", "--fp16 or --bf16; PRECISION=fp16 or bf16 for the launch scripts") if saved_half \
-        else ("fp32", "without --fp16 and --bf16; PRECISION=fp32 for the launch scripts")
-    raise ConfigError(f"checkpoint {path} was saved by a run in {saved} and this run is in {dtype}: its optimizer state "
-                      f"does not fit. Resume at the checkpoint's precision ({flags}), pass --no-load-optim to "
-                      "continue from its weights and iteration with a fresh optimizer, or start a fresh run without "
-                      "--load (a new CHECKPOINT_PATH for the launch scripts)")
+    if saved_half != (dtype != "fp32"):
+        raise precision_mismatch(f"checkpoint {path}", "fp16 or bf16" if saved_half else "fp32", dtype)
 
 
 class MegatronBackend:
