@@ -13,8 +13,8 @@ directory) exit 2 with a one-line message and write nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
-import multiprocessing
 import os
 import sys
 import time
@@ -35,6 +35,7 @@ from megatron.data.indexed_dataset import (  # noqa: E402
     index_file_path,
 )
 from megatron.data.loose_json import check_corpus_file, parse_json_line  # noqa: E402
+from megatron.data.worker_pool import WorkerDied, ordered_map  # noqa: E402
 from megatron.errors import ConfigError  # noqa: E402
 from megatron.tokenizer import TOKENIZER_TYPES, AbstractTokenizer, build_tokenizer  # noqa: E402
 from megatron.training.entry import run_entry_point  # noqa: E402
@@ -44,7 +45,6 @@ from megatron.training.entry import run_entry_point  # noqa: E402
 # A task names its bytes (offset, length) and the worker reads them: the parent no longer sends
 # the corpus through the pool's pipes (that took the parent a third of a core at 30 MB/s).
 BYTES_PER_TASK = 1 << 19
-_worker_tokenizer: AbstractTokenizer | None = None  # inherited by forked workers
 
 
 @dataclass
@@ -98,39 +98,46 @@ def _read_block(path: str, identity: tuple[int, int, int, int], offset: int, len
 
 
 def encode_block(task: tuple[str, tuple[int, int, int, int], int, int, list[str], bool, type],
-                 tokenizer: AbstractTokenizer | None = None) -> EncodedBlock:
+                 tokenizer: AbstractTokenizer) -> EncodedBlock:
     """Read a block of whole lines (``length`` bytes at ``offset``), split, parse and encode them."""
     path, identity, offset, length, keys, append_eod, dtype = task
-    tokenizer = tokenizer or _worker_tokenizer
-    block = _read_block(path, identity, offset, length)
+    lines = _read_block(path, identity, offset, length).split(b"\n")
+    ends = [1] * len(lines)  # each line's newline, but the last: b"" after a final newline, else
+    ends[-1] = 0             # the file's last line, unterminated
+    if not lines[-1]:
+        lines.pop()
     sizes: list[int] = []
     errors: dict[int, tuple[int, str]] = {}
     texts: dict[str, list[str]] = {key: [] for key in keys}
-    lines = block.split(b"\n")
-    unterminated = lines.pop()  # b"" when the block ends with a newline, else the file's last line
-    lines = [line + b"\n" for line in lines] + ([unterminated] if unterminated else [])
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         index = len(sizes)
-        sizes.append(len(line))
+        sizes.append(len(line) + ends[number - 1])
         try:
-            record = {key: parse_json_line(line, path, number, key, "--json-keys") for key in keys}
+            record = [parse_json_line(line, path, number, key, "--json-keys") for key in keys]
         except LooseJSONError as error:
             errors[index] = (number, str(error))
             continue
-        for key, text in record.items():
+        for key, text in zip(keys, record):
             texts[key].append(text if text.strip() else "")
-    eod = np.array([tokenizer.eod], dtype)
     lengths, ids = {}, {}
     for key in keys:
-        # numpy arrays (no Python int per token) pickle compactly on the way back from a worker
-        encoded = tokenizer.tokenize_batch_numpy(texts[key], dtype)
-        if append_eod:
-            encoded = [np.concatenate([array, eod]) if array.size else array for array in encoded]
-        lengths[key] = np.array([array.size for array in encoded], dtype=np.int64)
-        ids[key] = np.concatenate(encoded) if encoded else np.zeros(0, dtype)
+        lengths[key], ids[key] = _encode(tokenizer, texts[key], append_eod, dtype)
     return EncodedBlock(len(lines), sizes, errors, lengths, ids)
+
+
+def _encode(tokenizer: AbstractTokenizer, texts: list[str], append_eod: bool,
+            dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """(token count per text, all ids back to back), ``<|endoftext|>`` after each non-empty text
+    when ``append_eod``: numpy arrays, which pickle compactly on the way back from a worker."""
+    encoded = tokenizer.tokenize_batch_numpy(texts, dtype)
+    lengths = np.fromiter((array.size for array in encoded), np.int64, len(encoded))
+    if append_eod:
+        eod = np.array([tokenizer.eod], dtype)
+        encoded = [part for array in encoded if array.size for part in (array, eod)]
+        lengths += lengths > 0
+    return lengths, np.concatenate(encoded) if encoded else np.zeros(0, dtype)
 
 
 def _tasks(path: str, keys: list[str], append_eod: bool, dtype: type) -> Iterator[tuple]:
@@ -149,19 +156,13 @@ def _tasks(path: str, keys: list[str], append_eod: bool, dtype: type) -> Iterato
 
 def _results(path: str, keys: list[str], append_eod: bool, workers: int, dtype: type,
              tokenizer: AbstractTokenizer) -> Iterator[EncodedBlock]:
-    """Encoded tasks in file order: in this process for one worker, else a process pool whose
-    forked workers inherit ``tokenizer`` (not used here before the fork) instead of building one."""
-    global _worker_tokenizer
+    """Encoded tasks in file order: in this process for one worker, else in forked workers that
+    inherit ``tokenizer`` instead of building one (a worker that dies is an error, not a hang)."""
+    encode = functools.partial(encode_block, tokenizer=tokenizer)
     tasks = _tasks(path, keys, append_eod, dtype)
     if workers == 1:
-        yield from (encode_block(task, tokenizer) for task in tasks)
-        return
-    _worker_tokenizer = tokenizer
-    try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap(encode_block, tasks, chunksize=1)
-    finally:
-        _worker_tokenizer = None
+        return (encode(task) for task in tasks)
+    return ordered_map(encode, tasks, workers, what="preprocessing worker")
 
 
 def _check_inputs(path: str, workers: int) -> None:
@@ -218,16 +219,19 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
         with tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, disable=not progress,
                   desc="tokenising", file=sys.stderr) as bar:
             first_line = 1
-            for result in _results(path, keys, append_eod, workers, dtype, tokenizer):
-                _write(result, builders, stats, skip_bad_lines, path, first_line)
-                first_line += result.lines
-                bar.update(sum(result.sizes))
-                stats.timeline.append((time.perf_counter() - start, stats.bytes))
+            with contextlib.closing(_results(path, keys, append_eod, workers, dtype, tokenizer)) as results:
+                for result in results:  # closing: an error here stops the workers at once
+                    _write(result, builders, stats, skip_bad_lines, path, first_line)
+                    first_line += result.lines
+                    bar.update(sum(result.sizes))
+                    stats.timeline.append((time.perf_counter() - start, stats.bytes))
         _require_documents(path, builders, stats)
         for key, builder in builders.items():
             builder.finalize(index_file_path(partial[key]))
             os.replace(data_file_path(partial[key]), data_file_path(final[key]))
             os.replace(index_file_path(partial[key]), index_file_path(final[key]))
+    except WorkerDied as error:
+        raise WorkerDied(f"{error}; nothing was written: run again") from None
     finally:
         for key, builder in builders.items():
             builder.close()

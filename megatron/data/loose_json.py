@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import orjson
 
 from megatron.data.cache import load_or_build, make_cache_dir
 from megatron.data.documents import InMemoryDocuments
@@ -50,7 +51,17 @@ class ReadStats:
 def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key: str,
                     key_flag: str = "--text-key") -> str:
     """The text of one JSON line; raises LooseJSONError naming ``path:number`` (and ``key_flag``,
-    the flag that names the key, when the key is missing)."""
+    the flag that names the key, when the key is missing).
+
+    orjson reads a well-formed line (a third of ``json``'s time; preprocessing spends a tenth of
+    its time here). What it refuses or reads differently (invalid UTF-8, lone surrogates, NaN,
+    numbers beyond 64 bits, a missing key) falls through to ``json``, which decides as before."""
+    try:
+        text = orjson.loads(line)[text_key]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        text = None
+    if type(text) is str:
+        return text
     try:
         record = json.loads(line.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

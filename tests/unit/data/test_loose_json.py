@@ -124,3 +124,37 @@ def test_validate_data_args(demo_paths, overrides, message):
 
 def test_validate_accepts_demo_defaults(demo_paths):
     validate_data_args(data_args(demo_paths, train_data=["demo"]))
+
+
+@pytest.mark.parametrize("line", [
+    b'{"text": "plain"}', b' {"text": "padded"} \r', b'{"text": "a", "text": "duplicate: the last wins"}',
+    b'{"text": "\\ud83d\\ude00 a surrogate pair"}', b'{"text": "big number", "n": 123456789012345678901234567890}',
+    b'{"text": "huge float", "n": 1e400}', b'{"text": NaN}', b'{"text": "lone \\ud800"}', b'{"text": "bad \xff"}',
+    b'{"txt": "no key"}', b'["text"]', b'"text"', b'null', b'{"text": 5}', b'{"text": "a"} trailing',
+    b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "ctrl \x01"}'])
+def test_parse_json_line_decides_as_the_json_module(line: bytes) -> None:
+    """The orjson fast path never changes a verdict: each line gives the text ``json`` gives, or
+    the same error (orjson refuses NaN, lone surrogates and big numbers; ``json`` then decides)."""
+    import json
+
+    from megatron.data.loose_json import parse_json_line
+
+    def reference() -> str:
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return "error"
+        text = record.get("text") if isinstance(record, dict) else None
+        ok = isinstance(text, str)
+        try:
+            ok = ok and bool(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            ok = False
+        return text if ok else "error"
+
+    try:
+        got = parse_json_line(line, "c.json", 3, "text")
+    except LooseJSONError as error:
+        assert str(error).startswith("c.json:3: ")
+        got = "error"
+    assert got == reference()

@@ -104,3 +104,30 @@ def test_an_input_changed_while_it_is_read_is_refused(monkeypatch, tmp_path, dem
         preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=workers,
                    progress=False)
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_killed_worker_is_one_error_and_nothing_is_written(monkeypatch, tmp_path, demo_paths) -> None:
+    """A worker killed mid-run (the kernel's out-of-memory killer) used to hang the run forever:
+    multiprocessing.Pool loses the task. Now the run stops with one line naming the worker and the
+    signal, exit status 1, and no output or partial file is left."""
+    import os
+    import signal
+
+    import preprocess_data
+
+    class DiesOnPoison(GPT2BPETokenizer):
+        def tokenize_batch_numpy(self, texts, dtype):
+            if any("poison" in text for text in texts):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().tokenize_batch_numpy(texts, dtype)
+
+    source = tmp_path / "in.json"
+    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)) + '{"text": "poison"}\n'
+                      + "".join(f'{{"text": "after {i}"}}\n' for i in range(40)), encoding="utf-8")
+    monkeypatch.setattr(preprocess_data, "BYTES_PER_TASK", 64)
+    factory = functools.partial(DiesOnPoison, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    with pytest.raises(preprocess_data.WorkerDied, match=r"preprocessing worker process \d+ was killed by SIGKILL "
+                                                         r".*; nothing was written: run again"):
+        preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=2,
+                   progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.json"]
