@@ -7,7 +7,8 @@ Writes ``P_{key}_document.bin``/``.idx`` per JSON key (uint16 tokens when the vo
 than 65500 ids, else int32), with a progress bar and a closing throughput line. Outputs appear
 only when complete, and never for an input without a single document of text. User mistakes
 (``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable output
-directory) exit 2 with a one-line message and write nothing.
+directory) exit 2 with a one-line message and write nothing. A worker that dies mid-run (the
+out-of-memory killer) exits 1 with one line naming it; nothing is written.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from megatron.training.entry import run_entry_point  # noqa: E402
 # Half a megabyte per task: at 64 KB the parent's share of the work (sending tasks, receiving
 # results) was twice as large, and on a machine with as many workers as cores it competes with them.
 # A task names its bytes (offset, length) and the worker reads them: the parent no longer sends
-# the corpus through the pool's pipes (that took the parent a third of a core at 30 MB/s).
+# the corpus through the workers' pipes (that took the parent a third of a core at 30 MB/s).
 BYTES_PER_TASK = 1 << 19
 
 
