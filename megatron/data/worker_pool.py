@@ -115,7 +115,10 @@ def ordered_map(function: Callable[[Any], Any], tasks: Iterable[Any], workers: i
             receivers[result_reader] = index
         yield from _run(tasks, depth, processes, senders, receivers, what)
         for sender in senders:
-            sender.send(_DONE)
+            try:
+                sender.send(_DONE)
+            except BrokenPipeError:  # a worker gone after its last result: nothing is lost
+                pass
         for process in processes:
             process.join(timeout=5)
     finally:
@@ -134,10 +137,17 @@ def _run(tasks: Iterable[Any], depth: int, processes: list, senders: list[Connec
     pending = iter(enumerate(tasks))
     owed: list[int] = [0] * len(processes)  # tasks each worker holds
 
+    def died(index: int) -> WorkerDied:
+        return WorkerDied(f"{what} process {processes[index].pid} {_death(processes[index])} "
+                          "before returning its work")
+
     def hand_out(index: int) -> None:
         message = next(pending, None)
         if message is not None:
-            senders[index].send(message)
+            try:
+                senders[index].send(message)
+            except BrokenPipeError:
+                raise died(index) from None
             owed[index] += 1
 
     for _ in range(depth):
@@ -151,8 +161,7 @@ def _run(tasks: Iterable[Any], depth: int, processes: list, senders: list[Connec
             try:
                 number, ok, value = connection.recv()
             except EOFError:
-                raise WorkerDied(f"{what} process {processes[index].pid} {_death(processes[index])} "
-                                 "before returning its work") from None
+                raise died(index) from None
             owed[index] -= 1
             done[number] = ok, value
             hand_out(index)

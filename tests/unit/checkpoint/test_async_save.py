@@ -87,3 +87,23 @@ def test_a_background_failure_is_raised_by_wait() -> None:
     with pytest.raises(OSError, match="No space left"):
         saver.wait()
     saver.wait()  # nothing in flight any more
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_weights_finite_by_sums_agrees_with_the_elementwise_check(dtype: torch.dtype) -> None:
+    """The save's finite-weights check sums each tensor; it must decide as the elementwise check:
+    a NaN or an Inf anywhere is caught, and huge finite weights whose sum overflows are not."""
+    from megatron.checkpoint.protocol import weights_finite
+
+    torch.manual_seed(0)
+    good = [torch.randn(1000, 37).to(dtype), torch.randn(5).to(dtype), torch.zeros(0, dtype=dtype)]
+    assert weights_finite(good) and weights_finite([])
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        for index in range(2):
+            params = [param.clone() for param in good]
+            params[index].view(-1)[-1] = bad_value
+            assert not weights_finite(params), (bad_value, index)
+    big = torch.finfo(dtype).max
+    assert weights_finite([torch.full((8,), big, dtype=dtype)])  # the sum overflows; the elements are finite
+    inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # sums to NaN, not to a finite value
+    assert not weights_finite([inf_pair])
