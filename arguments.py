@@ -97,6 +97,11 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each transformer layer (inductor: Triton on GPU, C++ on CPU); "
                             "the first steps are slower while it compiles")
+    group.add_argument("--release-host-memory", action="store_true",
+                       help="CPU runs: let glibc return freed host memory to the system (its default). Without "
+                            "it a CPU run keeps freed memory for the next step: no page faults each step "
+                            "(10-30%% faster at the 124M shape), at the price of a higher peak (up to 1.7x with "
+                            "ZeRO 1). GPU runs always release")
     group.add_argument("--log-interval", type=int, default=100, help="iterations between log lines")
     group.add_argument("--peak-tflops", type=float, default=None,
                        help="peak TFLOP/s per device for the logged MFU (default: GPU table, or a matmul measured on CPU)")
@@ -573,7 +578,8 @@ def training_config(args: argparse.Namespace, accumulation: int) -> TrainingConf
         reset_position_ids=args.reset_position_ids, reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss, max_skipped_steps=args.max_skipped_steps,
         exit_signal_handler=args.exit_signal_handler, exit_interval=args.exit_interval,
-        exit_duration_in_mins=args.exit_duration_in_mins, progress_timeout_minutes=args.progress_timeout_minutes)
+        exit_duration_in_mins=args.exit_duration_in_mins, progress_timeout_minutes=args.progress_timeout_minutes,
+        keep_host_memory=not args.release_host_memory)
 
 
 def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:

@@ -116,6 +116,7 @@ class TrainingConfig:
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
     progress_timeout_minutes: float = 5.0  # a rank without progress this long ends the job (0: never)
+    keep_host_memory: bool = True  # CPU runs: glibc keeps freed memory (megatron.host_memory); not --release-host-memory
 
 
 @dataclass(frozen=True)

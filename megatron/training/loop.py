@@ -26,6 +26,7 @@ from megatron.checkpoint.reshard import saved_topology
 from megatron.checkpoint.rng import set_rng_states
 from megatron.config import ParallelConfig, RunConfig
 from megatron.errors import TrainingAborted
+from megatron.host_memory import keep_freed_host_memory
 from megatron.launch import initialize_megatron, restart_counts, shared_rendezvous_store_note
 from megatron.model.gpt2_pipe import PipelineDescription
 from megatron.training.data import DataIterators, DataPosition, DataProvider
@@ -308,7 +309,11 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
     ``model_provider(run)`` builds the model (a ``PipelineDescription`` when pipelined, whose
     micro batches ``pipeline_batch`` makes); ``data_provider(run, position)`` returns the
     data iterators; ``forward_step(data_iterator, model, run)`` the loss of one micro batch.
+    On a CPU run, freed host memory stays in the process for the next step (host_memory) unless
+    ``--release-host-memory``.
     """
+    if run.training.keep_host_memory and not torch.cuda.is_available():
+        keep_freed_host_memory()
     initialize_megatron(run.parallel, run.training.seed)
     lock = open_save_directory(run)  # one writer per --save, for the whole run
     try:

@@ -317,3 +317,9 @@ def test_a_global_batch_conflict_with_the_deepspeed_config_names_the_flag(tmp_pa
                                           r"differs; drop gradient_accumulation_steps"):
         _run("--batch-size", "2", "--global-batch-size", "8",
              *_ds_config(tmp_path, {"gradient_accumulation_steps": 2}))
+
+
+def test_host_memory_is_kept_unless_released() -> None:
+    """CPU runs keep freed host memory (megatron/host_memory.py); --release-host-memory opts out."""
+    assert _run().training.keep_host_memory is True
+    assert _run("--release-host-memory").training.keep_host_memory is False
