@@ -8,10 +8,11 @@ shape with ZeRO 1, one training thread:
 - about 300,000 page faults per step, 0.45 s of a 3.9 s step in the kernel;
 - a background checkpoint writing to the page cache at the same time made those faults slower.
 
-``keep_freed_host_memory`` makes glibc serve every block from its heaps and never trim them. PyTorch's CPU launcher (``torch.backends.xeon.run_cpu``) gets the same
-effect by preloading jemalloc or tcmalloc. After a few steps no step faults (in that run 3.5 s
-instead of 3.9 s per step); the process keeps its peak resident memory, and fragmentation raises
-that peak (ZeRO 1: 3.9 GB against 3.5 GB).
+``keep_freed_host_memory`` makes glibc serve every block from its heaps and never trim them.
+PyTorch's CPU launcher (``torch.backends.xeon.run_cpu``) gets the same effect by preloading
+jemalloc or tcmalloc. After a few steps no step faults (in that run 3.5 s instead of 3.9 s per
+step); the process keeps its peak resident memory, and fragmentation raises that peak (ZeRO 1:
+3.9 GB against 3.5 GB).
 
 GPU runs keep glibc's defaults: their large tensors are on the device, and host memory freed after
 loading a checkpoint should go back to the system.

@@ -66,7 +66,10 @@ def _serve(function: Callable[[Any], Any], tasks: Connection, results: Connectio
         except BrokenPipeError:  # the parent stopped reading: it is shutting the pool down
             return
         except Exception as error:  # noqa: BLE001 - a value pickle refuses: say so instead
-            results.send((number, False, RuntimeError(f"{type(error).__name__}: {error}")))
+            try:
+                results.send((number, False, RuntimeError(f"{type(error).__name__}: {error}")))
+            except BrokenPipeError:
+                return
 
 
 def _death(process: multiprocessing.process.BaseProcess) -> str:
