@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -210,6 +211,7 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
     """
     start = time.perf_counter()  # the time includes building the tokenizer and the pool
     _check_inputs(path, workers)
+    keys = list(dict.fromkeys(keys))  # a key named twice is one output, as before
     tokenizer = factory()
     dtype = best_token_dtype(tokenizer.vocab_size)
     final = {key: f"{output_prefix}_{key}_document" for key in keys}
@@ -232,10 +234,17 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
             os.replace(data_file_path(partial[key]), data_file_path(final[key]))
             os.replace(index_file_path(partial[key]), index_file_path(final[key]))
     except WorkerDied as error:
-        raise WorkerDied(f"{error}; nothing was written: run again") from None
+        raise WorkerDied(f"{error}; nothing was written") from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        directory = os.path.dirname(os.path.abspath(output_prefix))
+        raise DataError(f"--output-prefix: {directory} is full ({error.strerror}); nothing was written: free "
+                        "space or pass a prefix on another disk") from None
     finally:
         for key, builder in builders.items():
-            builder.close()
+            with contextlib.suppress(OSError):  # a full disk fails the flush again: the file goes anyway
+                builder.close()
             for leftover in (data_file_path(partial[key]), index_file_path(partial[key])):
                 if leftover.exists():
                     leftover.unlink()

@@ -100,13 +100,14 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
     """Whether every element of ``params`` is finite. A NaN or Inf element makes its tensor's sum
     NaN or Inf, so finite sums prove it with one reduction each and no elementwise mask (14x
     faster on CPU: the check runs on the training thread at every save); only a non-finite sum,
-    which huge finite weights can also give by overflow, is checked element by element."""
+    which huge finite weights can also give by overflow, is checked element by element, as are
+    tensors that are not real floating point (a complex sum in fp32 would drop the imaginary part)."""
     params = [param.detach() for param in params if param.numel()]
-    if not params:
-        return True
-    if bool(torch.isfinite(torch.stack([param.sum(dtype=torch.float32) for param in params])).all()):
-        return True
-    return all(bool(torch.isfinite(param).all()) for param in params)
+    summed = [param for param in params if param.is_floating_point()]  # complex, integer: elementwise
+    others = [param for param in params if not param.is_floating_point()]
+    if summed and not bool(torch.isfinite(torch.stack([param.sum(dtype=torch.float32) for param in summed])).all()):
+        others = summed + others
+    return all(bool(torch.isfinite(param).all()) for param in others)
 
 
 def check_weights_finite(backend: Backend, iteration: int) -> None:

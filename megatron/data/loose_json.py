@@ -32,6 +32,7 @@ from megatron.data.indexed_dataset import (
 from megatron.tokenizer import AbstractTokenizer
 
 TOKENIZE_BATCH = 512
+ORJSON_MAX_OPENINGS = 500  # a line with more '[' and '{' could nest deeper than json reads: json decides
 CACHE_VERSION = 1
 
 
@@ -55,18 +56,21 @@ def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key:
 
     orjson reads a well-formed line (a third of ``json``'s time; preprocessing spends a tenth of
     its time here). What it refuses or reads differently (invalid UTF-8, lone surrogates, NaN,
-    numbers beyond 64 bits, a missing key) falls through to ``json``, which decides as before."""
-    try:
-        text = orjson.loads(line)[text_key]
-    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
-        text = None
+    numbers beyond 64 bits, a missing key) falls through to ``json``, which decides as before. So
+    does a line that could nest ORJSON_MAX_OPENINGS deep: orjson 3.8 crashes the process at about
+    150,000 levels, and ``json`` refuses such a line (too deeply nested), which orjson would not."""
+    text = None
+    if line.count(b"[") + line.count(b"{") < ORJSON_MAX_OPENINGS:
+        try:
+            text = orjson.loads(line)[text_key]
+        except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+            pass
     if type(text) is str:
         return text
     try:
         record = json.loads(line.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        reason = error.msg if isinstance(error, json.JSONDecodeError) else "not UTF-8"
-        raise LooseJSONError(f"{path}:{number}: malformed JSON ({reason}); fix or remove the "
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise LooseJSONError(f"{path}:{number}: malformed JSON ({_json_failure(error)}); fix or remove the "
                              "line, or pass --skip-bad-lines to skip and count it") from None
     if not isinstance(record, dict) or text_key not in record:
         keys = sorted(record) if isinstance(record, dict) else type(record).__name__
@@ -81,6 +85,17 @@ def parse_json_line(line: bytes, path: str | os.PathLike, number: int, text_key:
                              "\\ud800-\\udfff escape), which is not text; fix or remove the line, "
                              "or pass --skip-bad-lines to skip and count it")
     return text
+
+
+def _json_failure(error: ValueError | RecursionError) -> str:
+    """Why ``json`` refused a line, in a few words."""
+    if isinstance(error, json.JSONDecodeError):
+        return error.msg
+    if isinstance(error, UnicodeDecodeError):
+        return "not UTF-8"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return str(error).split(";")[0][:120]  # e.g. an integer beyond Python's digit limit
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -163,7 +163,7 @@ def _run(tasks: Iterable[Any], depth: int, processes: list, senders: list[Connec
             index = receivers[connection]
             try:
                 number, ok, value = connection.recv()
-            except EOFError:
+            except (EOFError, OSError):  # OSError: the pipe ended inside a message (killed mid-send)
                 raise died(index) from None
             owed[index] -= 1
             done[number] = ok, value

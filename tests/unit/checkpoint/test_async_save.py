@@ -107,3 +107,15 @@ def test_weights_finite_by_sums_agrees_with_the_elementwise_check(dtype: torch.d
     assert weights_finite([torch.full((8,), big, dtype=dtype)])  # the sum overflows; the elements are finite
     inf_pair = torch.tensor([float("inf"), float("-inf")], dtype=dtype)  # sums to NaN, not to a finite value
     assert not weights_finite([inf_pair])
+
+
+def test_weights_finite_checks_complex_and_integer_tensors_elementwise() -> None:
+    """Hostile review: a complex tensor's sum in fp32 dropped its imaginary part, so a NaN there
+    passed the check."""
+    from megatron.checkpoint.protocol import weights_finite
+
+    for dtype in (torch.complex64, torch.complex128):
+        assert weights_finite([torch.ones(3, dtype=dtype)])
+        for bad in (complex(0, float("nan")), complex(0, float("inf")), complex(float("nan"), 0)):
+            assert not weights_finite([torch.randn(4), torch.tensor([1, bad], dtype=dtype)]), (dtype, bad)
+    assert weights_finite([torch.arange(5), torch.ones(2, dtype=torch.bool), torch.randn(3)])

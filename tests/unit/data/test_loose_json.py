@@ -131,10 +131,13 @@ def test_validate_accepts_demo_defaults(demo_paths):
     b'{"text": "\\ud83d\\ude00 a surrogate pair"}', b'{"text": "big number", "n": 123456789012345678901234567890}',
     b'{"text": "huge float", "n": 1e400}', b'{"text": NaN}', b'{"text": "lone \\ud800"}', b'{"text": "bad \xff"}',
     b'{"txt": "no key"}', b'["text"]', b'"text"', b'null', b'{"text": 5}', b'{"text": "a"} trailing',
-    b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "ctrl \x01"}'])
+    b'\xef\xbb\xbf{"text": "bom"}', b'{"text": "ctrl \x01"}', b'{"text": "nested", "x": ' + b"[" * 1005 + b"]" * 1005 + b"}",
+    b'{"text": "big", "n": ' + b"9" * 5000 + b"}"])
 def test_parse_json_line_decides_as_the_json_module(line: bytes) -> None:
     """The orjson fast path never changes a verdict: each line gives the text ``json`` gives, or
-    the same error (orjson refuses NaN, lone surrogates and big numbers; ``json`` then decides)."""
+    the same error (orjson refuses NaN, lone surrogates and big numbers; ``json`` then decides).
+    A line ``json`` cannot read at all (nested past its recursion limit, hostile review; an integer
+    past Python's digit limit) is a bad line, not a traceback."""
     import json
 
     from megatron.data.loose_json import parse_json_line
@@ -142,7 +145,7 @@ def test_parse_json_line_decides_as_the_json_module(line: bytes) -> None:
     def reference() -> str:
         try:
             record = json.loads(line.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # nested too deep, a number past the digit limit: errors too
             return "error"
         text = record.get("text") if isinstance(record, dict) else None
         ok = isinstance(text, str)

@@ -133,3 +133,25 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     parent.kill()
     parent.wait()
     assert _wait_gone(workers) == []
+
+
+def _dies_mid_message(task: int) -> int:
+    """Write the start of a result (a length header promising 100,000 bytes, then 7 of them) to
+    this worker's result pipe and die: what a worker killed while sending a large result leaves."""
+    import gc
+    import struct
+    from multiprocessing.connection import Connection
+
+    if task == 2:
+        pipe = next(obj for obj in gc.get_objects() if isinstance(obj, Connection) and not obj.closed
+                    and obj.writable)
+        os.write(pipe.fileno(), struct.pack("!i", 100_000) + b"partial")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return task
+
+
+def test_a_worker_killed_inside_a_message_is_an_error_naming_it() -> None:
+    """Hostile review: a result cut off mid-message raised OSError ("got end of file during
+    message") with a traceback instead of WorkerDied."""
+    with pytest.raises(WorkerDied, match="was killed by SIGKILL"):
+        list(ordered_map(_dies_mid_message, range(6), 2))

@@ -127,7 +127,71 @@ def test_a_killed_worker_is_one_error_and_nothing_is_written(monkeypatch, tmp_pa
     monkeypatch.setattr(preprocess_data, "BYTES_PER_TASK", 64)
     factory = functools.partial(DiesOnPoison, str(demo_paths["vocab"]), str(demo_paths["merges"]))
     with pytest.raises(preprocess_data.WorkerDied, match=r"preprocessing worker process \d+ was killed by SIGKILL "
-                                                         r".*; nothing was written: run again"):
+                                                         r".*; nothing was written"):
         preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=2,
                    progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["in.json"]
+
+
+def test_a_key_named_twice_is_one_output(tmp_path, demo_paths) -> None:
+    """Hostile review: ``--json-keys text text`` wrote every document twice (the old code, a dict,
+    wrote it once)."""
+    source = tmp_path / "in.json"
+    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(30)), encoding="utf-8")
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    outputs = []
+    for keys in (["text"], ["text", "text"]):
+        prefix = tmp_path / f"out{len(keys)}"
+        stats = preprocess(str(source), str(prefix), factory, keys, append_eod=True, workers=1, progress=False)
+        assert stats.documents == 30
+        document = tmp_path / f"out{len(keys)}_text_document"
+        outputs.append((document.with_suffix(".bin").read_bytes(), document.with_suffix(".idx").read_bytes()))
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_full_disk_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, demo_paths, workers: int) -> None:
+    """Hostile review: a full output disk was an OSError traceback. The write is made to fail as a
+    full disk does (ENOSPC from the .bin's write); the run stops with one line naming the directory."""
+    import errno
+
+    import preprocess_data
+
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    calls = []
+    real = IndexedDatasetBuilder.add_documents
+
+    def fills_up(self, tokens, lengths):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tokens, lengths)
+
+    monkeypatch.setattr(IndexedDatasetBuilder, "add_documents", fills_up)
+    monkeypatch.setattr(preprocess_data, "BYTES_PER_TASK", 64)
+    source = tmp_path / "in.json"
+    source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)), encoding="utf-8")
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    with pytest.raises(DataError, match=rf"--output-prefix: {tmp_path} is full \(No space left on device\); "
+                                        "nothing was written"):
+        preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=workers,
+                   progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["in.json"]
+
+
+def test_a_deeply_nested_line_is_a_bad_line_not_a_crash(tmp_path, demo_paths) -> None:
+    """Hostile review: orjson 3.8 crashed the process (SIGSEGV) on a valid line nested 150,000
+    deep, and json raised a RecursionError traceback at 1,000 levels even with --skip-bad-lines.
+    Now such a line is a bad line: named, or skipped and counted."""
+    deep = b'{"text": "deep", "x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}\n"
+    source = tmp_path / "in.json"
+    source.write_bytes(b'{"text": "before"}\n' + deep + b'{"text": "after"}\n')
+    factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
+    for workers in (1, 2):
+        with pytest.raises(LooseJSONError, match=r"in\.json:2: malformed JSON \(nested too deeply\)"):
+            preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=workers,
+                       progress=False)
+        stats = preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True,
+                           workers=workers, skip_bad_lines=True, progress=False)
+        assert (stats.documents, stats.bad_lines) == (2, 1)
