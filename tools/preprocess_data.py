@@ -6,8 +6,8 @@
 Writes ``P_{key}_document.bin``/``.idx`` per JSON key (uint16 tokens when the vocab has fewer
 than 65500 ids, else int32), with a progress bar and a closing throughput line. Outputs appear
 only when complete, and never for an input without a single document of text. User mistakes
-(``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable output
-directory) exit 2 with a one-line message and write nothing. A worker that dies mid-run (the
+(``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable or full
+output directory) exit 2 with a one-line message and write nothing. A worker that dies mid-run (the
 out-of-memory killer) exits 1 with one line naming it; nothing is written.
 """
 
