@@ -6,9 +6,9 @@
 Writes ``P_{key}_document.bin``/``.idx`` per JSON key (uint16 tokens when the vocab has fewer
 than 65500 ids, else int32), with a progress bar and a closing throughput line. Outputs appear
 only when complete, and never for an input without a single document of text. User mistakes
-(``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable or full
-output directory) exit 2 with a one-line message and write nothing. A worker that dies mid-run (the
-out-of-memory killer) exits 1 with one line naming it; nothing is written.
+(``ConfigError``: a missing or empty input, a bad line, a tokenizer file, an unwritable output
+directory) exit 2 with a one-line message and write nothing. A full output disk, or a worker that
+dies mid-run (the out-of-memory killer), exits 1 with one line naming it; nothing is written.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from megatron.data.indexed_dataset import (  # noqa: E402
 )
 from megatron.data.loose_json import check_corpus_file, parse_json_line  # noqa: E402
 from megatron.data.worker_pool import WorkerDied, ordered_map  # noqa: E402
-from megatron.errors import ConfigError  # noqa: E402
+from megatron.errors import ConfigError, TrainingAborted  # noqa: E402
 from megatron.tokenizer import TOKENIZER_TYPES, AbstractTokenizer, build_tokenizer  # noqa: E402
 from megatron.training.entry import run_entry_point  # noqa: E402
 
@@ -104,8 +104,8 @@ def encode_block(task: tuple[str, tuple[int, int, int, int], int, int, list[str]
     """Read a block of whole lines (``length`` bytes at ``offset``), split, parse and encode them."""
     path, identity, offset, length, keys, append_eod, dtype = task
     lines = _read_block(path, identity, offset, length).split(b"\n")
-    ends = [1] * len(lines)  # each line's newline, but the last: b"" after a final newline, else
-    ends[-1] = 0             # the file's last line, unterminated
+    # b"" after a final newline; else the last piece is the file's last line, without a newline
+    unterminated = len(lines) if lines[-1] else 0
     if not lines[-1]:
         lines.pop()
     sizes: list[int] = []
@@ -115,7 +115,7 @@ def encode_block(task: tuple[str, tuple[int, int, int, int], int, int, list[str]
         if not line.strip():
             continue
         index = len(sizes)
-        sizes.append(len(line) + ends[number - 1])
+        sizes.append(len(line) + (number != unterminated))
         try:
             record = [parse_json_line(line, path, number, key, "--json-keys") for key in keys]
         except LooseJSONError as error:
@@ -239,8 +239,8 @@ def preprocess(path: str, output_prefix: str, factory: Callable[[], AbstractToke
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         directory = os.path.dirname(os.path.abspath(output_prefix))
-        raise DataError(f"--output-prefix: {directory} is full ({error.strerror}); nothing was written: free "
-                        "space or pass a prefix on another disk") from None
+        raise TrainingAborted(f"--output-prefix: {directory} is full ({error.strerror}); nothing was written: "
+                              "free space or pass a prefix on another disk") from None
     finally:
         for key, builder in builders.items():
             with contextlib.suppress(OSError):  # a full disk fails the flush again: the file goes anyway

@@ -312,7 +312,7 @@ def pretrain(run: RunConfig, model_provider: ModelProvider, data_provider: DataP
     On a CPU run, freed host memory stays in the process for the next step (host_memory) unless
     ``--release-host-memory``.
     """
-    if run.training.keep_host_memory and not torch.cuda.is_available():
+    if run.training.keep_host_memory and run.device.type == "cpu":
         keep_freed_host_memory()
     initialize_megatron(run.parallel, run.training.seed)
     lock = open_save_directory(run)  # one writer per --save, for the whole run

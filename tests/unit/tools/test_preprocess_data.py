@@ -11,6 +11,7 @@ import pytest
 from data_helpers import run_data_tool
 
 from megatron.data.errors import DataError, LooseJSONError
+from megatron.errors import TrainingAborted
 from megatron.tokenizer import GPT2BPETokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tools"))
@@ -173,7 +174,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, demo_
     source = tmp_path / "in.json"
     source.write_text("".join(f'{{"text": "document {i}"}}\n' for i in range(40)), encoding="utf-8")
     factory = functools.partial(GPT2BPETokenizer, str(demo_paths["vocab"]), str(demo_paths["merges"]))
-    with pytest.raises(DataError, match=rf"--output-prefix: {tmp_path} is full \(No space left on device\); "
+    with pytest.raises(TrainingAborted, match=rf"--output-prefix: {tmp_path} is full \(No space left on device\); "
                                         "nothing was written"):
         preprocess(str(source), str(tmp_path / "out"), factory, ["text"], append_eod=True, workers=workers,
                    progress=False)
